@@ -1,0 +1,223 @@
+"""The allowlist: which TCP endpoints the enclave may reach, read from upstream's YAML file.
+
+A file looks like upstream's::
+
+    allowlist:
+    - {address: kms.us-east-1.amazonaws.com, port: 443}
+
+A target ``(REMOTE_ADDR, REMOTE_PORT)`` is allowed when an entry with that
+port either *names* it (same DNS name, ignoring case and one trailing dot;
+same IP literal; a ``*.domain`` wildcard; a CIDR containing the literal) or,
+failing that, *admits its addresses* (the entry resolves to, or its CIDR
+contains, an address REMOTE_ADDR resolves to).  A target allowed only through
+its addresses stays pinned to them: every connection re-resolves, and only
+addresses an entry still admits are used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import yaml
+
+from vsockproxy.hostnames import HostError, IPAddress, canonical_host, canonical_name, parse_ip
+from vsockproxy.resolver import Endpoint, ResolveError, Resolver
+
+MAX_FILE_BYTES = 1 << 20
+
+
+class ConfigError(Exception):
+    """The allowlist file cannot be used; the message names the file and the fault."""
+
+
+class NotAllowed(Exception):
+    """The allowlist does not allow the requested target."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One allowlist entry, parsed into exactly one of: a name, a wildcard suffix, a network."""
+
+    spelling: str
+    ports: frozenset[int]
+    name: str | None = None
+    suffix: str | None = None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    def names(self, host: str) -> bool:
+        """Whether this entry allows ``host`` (canonical) by its spelling alone."""
+        if self.network is not None:
+            address = parse_ip(host)
+            return address is not None and address in self.network
+        if self.suffix is not None:
+            return host.endswith("." + self.suffix)
+        return host == self.name
+
+    def admits(self, address: IPAddress, resolver: Resolver, port: int) -> bool:
+        """Whether ``address`` is one this entry stands for; name entries are resolved."""
+        if self.network is not None:
+            return address in self.network
+        if self.name is None:
+            return False
+        try:
+            return any(endpoint.ip == address for endpoint in resolver.resolve(self.name, port))
+        except ResolveError:
+            return False
+
+    def __str__(self) -> str:
+        ports = ",".join(str(p) for p in sorted(self.ports))
+        return f"{self.spelling}:{ports}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target the allowlist allowed, with the entries that still bound its addresses."""
+
+    host: str
+    port: int
+    allowed_by: Rule
+    pinned_to: tuple[Rule, ...] | None = None
+
+    def endpoints(self, resolver: Resolver) -> list[Endpoint]:
+        """The addresses to try now: resolved afresh (or from cache) and, if pinned, filtered."""
+        endpoints = resolver.resolve(self.host, self.port)
+        if self.pinned_to is None:
+            return endpoints
+        allowed = [e for e in endpoints if any(r.admits(e.ip, resolver, self.port) for r in self.pinned_to)]
+        if not allowed:
+            found = ", ".join(str(e.ip) for e in endpoints)
+            raise ResolveError(f"{self.host} now resolves to {found}, which no allowlist entry admits")
+        return allowed
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Allowlist:
+    """The parsed entries of one allowlist file."""
+
+    rules: tuple[Rule, ...]
+    source: str
+
+    def authorize(self, host: str, port: int, resolver: Resolver) -> Target:
+        """The allowed Target for ``host:port``, or NotAllowed saying why not."""
+        try:
+            canonical = canonical_host(host)
+        except HostError as exc:
+            raise NotAllowed(f"remote address {exc}") from None
+        candidates = [rule for rule in self.rules if port in rule.ports]
+        if not candidates:
+            raise NotAllowed(f"{self.source} has no entry for port {port}")
+        for rule in candidates:
+            if rule.names(canonical):
+                return Target(canonical, port, rule)
+        try:
+            endpoints = resolver.resolve(canonical, port)
+        except ResolveError as exc:
+            raise NotAllowed(f"{exc}; no entry in {self.source} names {canonical}:{port}") from None
+        admitting = tuple(
+            rule for rule in candidates if any(rule.admits(e.ip, resolver, port) for e in endpoints)
+        )
+        if not admitting:
+            raise NotAllowed(f"{canonical}:{port} is not in the allowlist {self.source}")
+        return Target(canonical, port, admitting[0], admitting)
+
+
+def load_allowlist(path: str) -> Allowlist:
+    """Read and check the allowlist file at ``path``; raises ConfigError."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    return parse_allowlist(parse_yaml(data, path), path)
+
+
+def parse_yaml(data: bytes | str, source: str) -> Any:
+    """``yaml.safe_load`` with every failure turned into a one-line ConfigError."""
+    try:
+        return yaml.safe_load(data)
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" \
+            if exc.problem_mark else ""
+        raise ConfigError(f"{source}: not valid YAML: {exc.problem or exc.context}{where}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+
+
+def parse_allowlist(document: Any, source: str) -> Allowlist:
+    """Check a loaded YAML document against the allowlist format; raises ConfigError."""
+    if document is None:
+        raise ConfigError(f"{source}: file is empty; expected an 'allowlist' list")
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a mapping with an 'allowlist' key, found {_kind(document)}")
+    unknown = [key for key in document if key != "allowlist"]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; expected 'allowlist'")
+    entries = document.get("allowlist")
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: 'allowlist' must be a list of {{address, port}} entries, "
+                          f"found {_kind(entries)}")
+    return Allowlist(tuple(_parse_rule(entry, f"{source}: allowlist entry {index}")
+                           for index, entry in enumerate(entries, 1)), source)
+
+
+def _parse_rule(entry: Any, where: str) -> Rule:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'address' and 'port', found {_kind(entry)}")
+    unknown = [key for key in entry if key not in ("address", "port")]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected 'address' and 'port'")
+    for key in ("address", "port"):
+        if key not in entry:
+            raise ConfigError(f"{where}: missing '{key}'")
+    ports = frozenset(_parse_ports(entry["port"], where))
+    address = entry["address"]
+    if not isinstance(address, str):
+        raise ConfigError(f"{where}: address must be a string, found {_kind(address)}")
+    try:
+        return _rule_for_address(address, ports)
+    except (HostError, ValueError) as exc:
+        raise ConfigError(f"{where}: bad address {address!r}: {exc}") from None
+
+
+def _rule_for_address(address: str, ports: frozenset[int]) -> Rule:
+    if address.startswith("*."):
+        return Rule(address, ports, suffix=canonical_name(address[2:]))
+    if "/" in address:
+        return Rule(address, ports, network=ipaddress.ip_network(address, strict=True))
+    literal = parse_ip(address)
+    if literal is not None:
+        return Rule(address, ports, network=ipaddress.ip_network(literal))
+    return Rule(address, ports, name=canonical_name(address))
+
+
+def _parse_ports(value: Any, where: str) -> Iterable[int]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(f"{where}: port list is empty")
+    for port in values:
+        if type(port) is not int:
+            raise ConfigError(f"{where}: port must be an integer from 1 to 65535, found {_kind(port)}")
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{where}: port {port} is out of range 1-65535")
+    return values
+
+
+def _kind(value: Any) -> str:
+    """A short, safe description of a YAML value for error messages."""
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

@@ -1,0 +1,163 @@
+"""The ``vsock-proxy`` command: upstream's CLI, plus env-var and settings-file overrides.
+
+Every option may come from the command line, a ``VSOCK_PROXY_*`` environment
+variable or a ``--settings`` file, in that order of precedence.  Every failure
+before serving is one line on stderr and a non-zero exit: 2 for usage errors,
+1 for configuration, allowlist and listener errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from typing import NoReturn, Sequence
+
+import configargparse
+
+from vsockproxy import __version__
+from vsockproxy.allowlist import ConfigError, NotAllowed, load_allowlist
+from vsockproxy.resolver import Resolver
+from vsockproxy.server import VMADDR_CID_ANY, ListenError, VsockProxyServer, serve_until_signalled
+
+PROG = "vsock-proxy"
+DEFAULT_CONFIG = "/etc/nitro_enclaves/vsock-proxy.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_VSOCK_PORT = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_PORT_ANY
+
+
+class OneLineParser(configargparse.ArgumentParser):
+    """argparse prints usage plus the error; operators and scripts want just the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def _bounded_int(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be from {low} to {high}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(what: str, allow_zero: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{what} must be a number of seconds, got {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{what} must be {'0 or more' if allow_zero else 'more than 0'} "
+                                             f"seconds, got {text}")
+        return value
+    return parse
+
+
+def _cid(text: str) -> int:
+    if text.lower() == "any":
+        return VMADDR_CID_ANY
+    return _bounded_int(0, VMADDR_CID_ANY, "CID")(text)
+
+
+def build_parser() -> OneLineParser:
+    """The full option set; also what ``--help`` documents."""
+    parser = OneLineParser(
+        prog=PROG,
+        description="Forward vsock connections from an enclave to one allowlisted TCP endpoint.",
+        config_file_parser_class=configargparse.DefaultConfigFileParser,
+        add_env_var_help=True,
+        add_config_file_help=True,
+    )
+    parser.add_argument("local_port", nargs="?", metavar="LOCAL_PORT",
+                        type=_bounded_int(1, MAX_VSOCK_PORT, "LOCAL_PORT"),
+                        help="vsock port to listen on for connections from the enclave")
+    parser.add_argument("remote_addr", nargs="?", metavar="REMOTE_ADDR",
+                        help="IP address or DNS name to forward to; must be allowed by --config")
+    parser.add_argument("remote_port", nargs="?", metavar="REMOTE_PORT",
+                        type=_bounded_int(1, 65535, "REMOTE_PORT"), help="TCP port to forward to")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("-4", "--ipv4", action="store_true", env_var="VSOCK_PROXY_IPV4",
+                        help="use IPv4 addresses only")
+    family.add_argument("-6", "--ipv6", action="store_true", env_var="VSOCK_PROXY_IPV6",
+                        help="use IPv6 addresses only")
+    parser.add_argument("-w", "--num_workers", metavar="N",
+                        type=_bounded_int(1, 1_000_000, "num_workers"), default=4,
+                        env_var="VSOCK_PROXY_NUM_WORKERS",
+                        help="connections served at once; more wait in the listen backlog (default: 4)")
+    parser.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG, env_var="VSOCK_PROXY_CONFIG",
+                        help=f"YAML allowlist of reachable endpoints (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--settings", metavar="FILE", is_config_file=True, env_var="VSOCK_PROXY_SETTINGS",
+                        help="file of option = value lines, read before env and command line")
+    parser.add_argument("--cid", metavar="CID", type=_cid, default=VMADDR_CID_ANY, env_var="VSOCK_PROXY_CID",
+                        help="local CID to listen on, or 'any' (default: any)")
+    parser.add_argument("--backlog", metavar="N", type=_bounded_int(1, 1 << 20, "backlog"), default=4096,
+                        env_var="VSOCK_PROXY_BACKLOG",
+                        help="listen backlog; vsock refuses connects past it at once "
+                             "(default: 4096, capped by net.core.somaxconn)")
+    parser.add_argument("--connect-timeout", metavar="SECONDS", type=_seconds("connect-timeout", False),
+                        default=10.0, env_var="VSOCK_PROXY_CONNECT_TIMEOUT",
+                        help="time allowed for each TCP connect attempt (default: 10)")
+    parser.add_argument("--dns-ttl", metavar="SECONDS", type=_seconds("dns-ttl"), default=30.0,
+                        env_var="VSOCK_PROXY_DNS_TTL",
+                        help="how long a DNS answer is reused; 0 resolves on every connection (default: 30)")
+    parser.add_argument("--shutdown-grace", metavar="SECONDS", type=_seconds("shutdown-grace"), default=30.0,
+                        env_var="VSOCK_PROXY_SHUTDOWN_GRACE",
+                        help="on SIGTERM/SIGINT, how long open connections may finish (default: 30)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", type=str.lower,
+                        env_var="VSOCK_PROXY_LOG_LEVEL", help="log verbosity (default: info)")
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the options; exits 2 with one line on any usage error."""
+    parser = build_parser()
+    settings = parser.parse_args(argv)
+    missing = [name.upper() for name in ("local_port", "remote_addr", "remote_port")
+               if getattr(settings, name) is None]
+    if missing:
+        parser.error(f"missing {' '.join(missing)}")
+    return settings
+
+
+def address_family(settings: argparse.Namespace) -> int:
+    if settings.ipv4:
+        return socket.AF_INET
+    if settings.ipv6:
+        return socket.AF_INET6
+    return socket.AF_UNSPEC
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vsock-proxy``; returns the process exit status."""
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    log = logging.getLogger("vsockproxy")
+    try:
+        allowlist = load_allowlist(settings.config)
+        resolver = Resolver(address_family(settings), settings.dns_ttl)
+        target = allowlist.authorize(settings.remote_addr, settings.remote_port, resolver)
+        server = VsockProxyServer(target, resolver, port=settings.local_port, cid=settings.cid,
+                                  num_workers=settings.num_workers, backlog=settings.backlog,
+                                  connect_timeout=settings.connect_timeout)
+    except (ConfigError, NotAllowed, ListenError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    log.info("listening on vsock port %d (cid %s), forwarding to %s (allowed by %s), %d worker(s)",
+             settings.local_port, "any" if settings.cid == VMADDR_CID_ANY else settings.cid,
+             target, target.allowed_by, settings.num_workers)
+    serve_until_signalled([server], settings.shutdown_grace)
+    return 0
