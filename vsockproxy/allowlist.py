@@ -12,6 +12,9 @@ failing that, *admits its addresses* (the entry resolves to, or its CIDR
 contains, an address REMOTE_ADDR resolves to).  A target allowed only through
 its addresses stays pinned to them: every connection re-resolves, and only
 addresses an entry still admits are used.
+
+The same file may also list ``services:`` (several listeners in one process);
+each service's target must pass the allowlist like a command-line target.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from vsockproxy.hostnames import HostError, IPAddress, canonical_host, canonical
 from vsockproxy.resolver import Endpoint, ResolveError, Resolver
 
 MAX_FILE_BYTES = 1 << 20
+MAX_VSOCK_PORT = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_PORT_ANY
 
 
 class ConfigError(Exception):
@@ -126,8 +130,33 @@ class Allowlist:
         return Target(canonical, port, admitting[0], admitting)
 
 
-def load_allowlist(path: str) -> Allowlist:
-    """Read and check the allowlist file at ``path``; raises ConfigError."""
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One listener from the ``services:`` list; None fields take the command line's value."""
+
+    listen_port: int
+    address: str
+    port: int
+    num_workers: int | None = None
+    ipv4: bool = False
+    ipv6: bool = False
+    connect_timeout: float | None = None
+    idle_timeout: float | None = None
+
+    def __str__(self) -> str:
+        return f"vsock port {self.listen_port} -> {self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Everything the YAML file says: the allowlist and any services."""
+
+    allowlist: Allowlist
+    services: tuple[ServiceSpec, ...] = ()
+
+
+def load_config(path: str) -> ProxyConfig:
+    """Read and check the YAML file at ``path``; raises ConfigError."""
     try:
         with open(path, "rb") as stream:
             data = stream.read(MAX_FILE_BYTES + 1)
@@ -139,7 +168,7 @@ def load_allowlist(path: str) -> Allowlist:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
-    return parse_allowlist(parse_yaml(data, path), path)
+    return parse_config(parse_yaml(data, path), path)
 
 
 def parse_yaml(data: bytes | str, source: str) -> Any:
@@ -156,21 +185,84 @@ def parse_yaml(data: bytes | str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
 
 
-def parse_allowlist(document: Any, source: str) -> Allowlist:
-    """Check a loaded YAML document against the allowlist format; raises ConfigError."""
+def parse_config(document: Any, source: str) -> ProxyConfig:
+    """Check a loaded YAML document against the file format; raises ConfigError."""
     if document is None:
         raise ConfigError(f"{source}: file is empty; expected an 'allowlist' list")
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping with an 'allowlist' key, found {_kind(document)}")
-    unknown = [key for key in document if key != "allowlist"]
+    unknown = [key for key in document if key not in ("allowlist", "services")]
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; expected 'allowlist'")
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; expected 'allowlist' and optionally 'services'")
     entries = document.get("allowlist")
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: 'allowlist' must be a list of {{address, port}} entries, "
                           f"found {_kind(entries)}")
-    return Allowlist(tuple(_parse_rule(entry, f"{source}: allowlist entry {index}")
-                           for index, entry in enumerate(entries, 1)), source)
+    allowlist = Allowlist(tuple(_parse_rule(entry, f"{source}: allowlist entry {index}")
+                                for index, entry in enumerate(entries, 1)), source)
+    services = document.get("services", [])
+    if not isinstance(services, list):
+        raise ConfigError(f"{source}: 'services' must be a list, found {_kind(services)}")
+    specs = tuple(_parse_service(entry, f"{source}: service {index}") for index, entry in enumerate(services, 1))
+    seen: dict[int, int] = {}
+    for index, spec in enumerate(specs, 1):
+        if spec.listen_port in seen:
+            raise ConfigError(f"{source}: services {seen[spec.listen_port]} and {index} "
+                              f"both listen on vsock port {spec.listen_port}")
+        seen[spec.listen_port] = index
+    return ProxyConfig(allowlist, specs)
+
+
+_SERVICE_KEYS = ("listen_port", "address", "port", "num_workers", "ipv4", "ipv6", "connect_timeout",
+                 "idle_timeout")
+
+
+def _parse_service(entry: Any, where: str) -> ServiceSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping with listen_port, address and port, found {_kind(entry)}")
+    unknown = [key for key in entry if key not in _SERVICE_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected {', '.join(_SERVICE_KEYS)}")
+    for key in ("listen_port", "address", "port"):
+        if key not in entry:
+            raise ConfigError(f"{where}: missing '{key}'")
+    if not isinstance(entry["address"], str):
+        raise ConfigError(f"{where}: address must be a string, found {_kind(entry['address'])}")
+    for key in ("ipv4", "ipv6"):
+        if not isinstance(entry.get(key, False), bool):
+            raise ConfigError(f"{where}: {key} must be true or false, found {_kind(entry[key])}")
+    if entry.get("ipv4") and entry.get("ipv6"):
+        raise ConfigError(f"{where}: ipv4 and ipv6 cannot both be true")
+    return ServiceSpec(
+        listen_port=_integer(entry["listen_port"], 1, MAX_VSOCK_PORT, f"{where}: listen_port"),
+        address=entry["address"],
+        port=_integer(entry["port"], 1, 65535, f"{where}: port"),
+        num_workers=_optional(entry, "num_workers", lambda v, w: _integer(v, 1, 1_000_000, w), where),
+        ipv4=entry.get("ipv4", False),
+        ipv6=entry.get("ipv6", False),
+        connect_timeout=_optional(entry, "connect_timeout", lambda v, w: _seconds(v, w, zero_ok=False), where),
+        idle_timeout=_optional(entry, "idle_timeout", lambda v, w: _seconds(v, w, zero_ok=True), where),
+    )
+
+
+def _optional(entry: dict, key: str, parse, where: str):
+    return parse(entry[key], f"{where}: {key}") if entry.get(key) is not None else None
+
+
+def _integer(value: Any, low: int, high: int, where: str) -> int:
+    if type(value) is not int:
+        raise ConfigError(f"{where} must be an integer from {low} to {high}, found {_kind(value)}")
+    if not low <= value <= high:
+        raise ConfigError(f"{where} {value} is out of range {low}-{high}")
+    return value
+
+
+def _seconds(value: Any, where: str, zero_ok: bool) -> float:
+    if type(value) not in (int, float) or value != value or value in (float("inf"), float("-inf")) \
+            or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{where} must be a number of seconds {'>= 0' if zero_ok else '> 0'}, "
+                          f"found {_kind(value)}")
+    return float(value)
 
 
 def _parse_rule(entry: Any, where: str) -> Rule:
@@ -207,12 +299,7 @@ def _parse_ports(value: Any, where: str) -> Iterable[int]:
     values = value if isinstance(value, list) else [value]
     if not values:
         raise ConfigError(f"{where}: port list is empty")
-    for port in values:
-        if type(port) is not int:
-            raise ConfigError(f"{where}: port must be an integer from 1 to 65535, found {_kind(port)}")
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"{where}: port {port} is out of range 1-65535")
-    return values
+    return [_integer(port, 1, 65535, f"{where}: port") for port in values]
 
 
 def _kind(value: Any) -> str:

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import sys
 from typing import NoReturn, Sequence
 
 import configargparse
 
 from vsockproxy import __version__
-from vsockproxy.allowlist import ConfigError, NotAllowed, load_allowlist
-from vsockproxy.resolver import Resolver
-from vsockproxy.server import VMADDR_CID_ANY, ListenError, VsockProxyServer, serve_until_signalled
+from vsockproxy.allowlist import MAX_VSOCK_PORT, ConfigError, NotAllowed
+from vsockproxy.server import VMADDR_CID_ANY, ListenError
+from vsockproxy.supervisor import StartupError, Supervisor, parse_host_port
 
 PROG = "vsock-proxy"
 DEFAULT_CONFIG = "/etc/nitro_enclaves/vsock-proxy.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_VSOCK_PORT = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_PORT_ANY
 
 
 class OneLineParser(configargparse.ArgumentParser):
@@ -65,11 +63,20 @@ def _cid(text: str) -> int:
     return _bounded_int(0, VMADDR_CID_ANY, "CID")(text)
 
 
+def _host_port(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> OneLineParser:
     """The full option set; also what ``--help`` documents."""
     parser = OneLineParser(
         prog=PROG,
-        description="Forward vsock connections from an enclave to one allowlisted TCP endpoint.",
+        description="Forward vsock connections from an enclave to allowlisted TCP endpoints. "
+                    "LOCAL_PORT REMOTE_ADDR REMOTE_PORT may be left out when the --config file lists services.",
         config_file_parser_class=configargparse.DefaultConfigFileParser,
         add_env_var_help=True,
         add_config_file_help=True,
@@ -109,6 +116,11 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--shutdown-grace", metavar="SECONDS", type=_seconds("shutdown-grace"), default=30.0,
                         env_var="VSOCK_PROXY_SHUTDOWN_GRACE",
                         help="on SIGTERM/SIGINT, how long open connections may finish (default: 30)")
+    parser.add_argument("--idle-timeout", metavar="SECONDS", type=_seconds("idle-timeout"), default=0.0,
+                        env_var="VSOCK_PROXY_IDLE_TIMEOUT",
+                        help="close a connection after this long with no bytes either way; 0 = never (default: 0)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", type=_host_port, env_var="VSOCK_PROXY_METRICS_ADDRESS",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", type=str.lower,
                         env_var="VSOCK_PROXY_LOG_LEVEL", help="log verbosity (default: info)")
     parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
@@ -121,17 +133,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
     settings = parser.parse_args(argv)
     missing = [name.upper() for name in ("local_port", "remote_addr", "remote_port")
                if getattr(settings, name) is None]
-    if missing:
+    if missing and settings.local_port is not None:
         parser.error(f"missing {' '.join(missing)}")
     return settings
-
-
-def address_family(settings: argparse.Namespace) -> int:
-    if settings.ipv4:
-        return socket.AF_INET
-    if settings.ipv6:
-        return socket.AF_INET6
-    return socket.AF_UNSPEC
 
 
 def configure_logging(level: str) -> None:
@@ -143,21 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vsock-proxy``; returns the process exit status."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
-    log = logging.getLogger("vsockproxy")
+    supervisor = Supervisor(settings)
     try:
-        allowlist = load_allowlist(settings.config)
-        resolver = Resolver(address_family(settings), settings.dns_ttl)
-        target = allowlist.authorize(settings.remote_addr, settings.remote_port, resolver)
-        server = VsockProxyServer(target, resolver, port=settings.local_port, cid=settings.cid,
-                                  num_workers=settings.num_workers, backlog=settings.backlog,
-                                  connect_timeout=settings.connect_timeout)
-    except (ConfigError, NotAllowed, ListenError) as exc:
+        supervisor.start()
+    except (ConfigError, NotAllowed, ListenError, StartupError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    log.info("listening on vsock port %d (cid %s), forwarding to %s (allowed by %s), %d worker(s)",
-             settings.local_port, "any" if settings.cid == VMADDR_CID_ANY else settings.cid,
-             target, target.allowed_by, settings.num_workers)
-    serve_until_signalled([server], settings.shutdown_grace)
+    supervisor.run()
     return 0

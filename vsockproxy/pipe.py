@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from gevent.hub import get_hub
 
@@ -52,7 +53,7 @@ BUFFERS = BufferPool()
 class Flow:
     """One direction of a connection and the bytes it has moved so far."""
 
-    __slots__ = ("source", "sink", "source_name", "sink_name", "bytes")
+    __slots__ = ("source", "sink", "source_name", "sink_name", "bytes", "last_active")
 
     def __init__(self, source: socket.socket, source_name: str, sink: socket.socket, sink_name: str) -> None:
         self.source = source
@@ -60,6 +61,7 @@ class Flow:
         self.source_name = source_name
         self.sink_name = sink_name
         self.bytes = 0
+        self.last_active = time.monotonic()
 
 
 def pipe(flow: Flow, buffers: BufferPool = BUFFERS) -> None:
@@ -89,6 +91,7 @@ def pipe(flow: Flow, buffers: BufferPool = BUFFERS) -> None:
                 hub.wait(readable)
             elif received:
                 flow.bytes += received
+                flow.last_active = time.monotonic()
             else:
                 break
         try:

@@ -46,8 +46,10 @@ class Resolver:
         ttl: float = 30.0,
         getaddrinfo: Callable = gevent.socket.getaddrinfo,
         clock: Callable[[], float] = time.monotonic,
+        on_lookup: Callable[[bool], None] | None = None,
     ) -> None:
         self.family = family
+        self._on_lookup = on_lookup
         self.ttl = ttl
         self._getaddrinfo = getaddrinfo
         self._clock = clock
@@ -70,15 +72,21 @@ class Resolver:
         try:
             endpoints = self._lookup(host, port)
         except ResolveError as exc:
+            self._report(False)
             pending.set_exception(exc)
             raise
         else:
+            self._report(True)
             pending.set(endpoints)
             if self.ttl > 0:
                 self._cache[key] = (self._clock() + self.ttl, endpoints)
             return endpoints
         finally:
             del self._pending[key]
+
+    def _report(self, ok: bool) -> None:
+        if self._on_lookup is not None:
+            self._on_lookup(ok)
 
     def _literal_endpoint(self, address: IPAddress, port: int) -> Endpoint:
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import errno
 import logging
-import signal
 import socket
 import time
-from typing import Iterable
+from dataclasses import dataclass
 
 import gevent
 import gevent.socket
-from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from vsockproxy.allowlist import Target
+from vsockproxy.metrics import Metrics, ServiceMetrics
 from vsockproxy.pipe import Flow, PeerError, pipe
 from vsockproxy.resolver import Endpoint, ResolveError, Resolver
 
@@ -72,8 +71,26 @@ def describe_peer(address: object) -> str:
     return str(address) or "local"
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a service's new connections go and how; a reload swaps in a new one whole.
+
+    Each connection reads the route once, so established connections keep the
+    route they started with.
+    """
+
+    target: Target
+    resolver: Resolver
+    connect_timeout: float = 10.0
+    idle_timeout: float = 0.0
+
+
+class ConnectError(Exception):
+    """No allowed address of the target accepted a connection."""
+
+
 class VsockProxyServer(StreamServer):
-    """Accepts enclave connections on vsock and forwards each to ``target``.
+    """Accepts enclave connections on vsock and forwards each along ``route``.
 
     ``listener`` replaces the vsock socket in tests: any listening stream
     socket (Unix or TCP) will do.
@@ -81,28 +98,69 @@ class VsockProxyServer(StreamServer):
 
     def __init__(
         self,
-        target: Target,
-        resolver: Resolver,
+        route: Route,
         *,
         port: int = 0,
         cid: int = VMADDR_CID_ANY,
         num_workers: int = 4,
         backlog: int = 4096,
-        connect_timeout: float = 10.0,
+        metrics: ServiceMetrics | None = None,
         listener: socket.socket | None = None,
     ) -> None:
         if listener is None:
             listener = vsock_listener(cid, port, backlog)
         super().__init__(listener, spawn=Pool(num_workers))
-        self.target = target
-        self.resolver = resolver
-        self.connect_timeout = connect_timeout
+        self.route = route
+        self.metrics = metrics if metrics is not None else Metrics().service(str(port))
+        self._retired_pools: list[Pool] = []
+
+    @property
+    def num_workers(self) -> int:
+        return self.pool.size
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.pool) + sum(len(pool) for pool in self._retired_pools)
+
+    def resize(self, num_workers: int) -> None:
+        """Serve new connections from a pool of the new size; open ones finish in the old pool."""
+        if num_workers == self.pool.size:
+            return
+        self._retired_pools = [pool for pool in self._retired_pools if len(pool)]
+        self._retired_pools.append(self.pool)
+        self.pool._semaphore.unlink(self._start_accepting_if_started)
+        self.set_spawn(Pool(num_workers))
+        if not self.closed and not self.full():
+            self._start_accepting_if_started()
 
     def start(self) -> None:
         hub = get_hub()
         if AcceptDeferred not in hub.NOT_ERROR:
             hub.NOT_ERROR = hub.NOT_ERROR + (AcceptDeferred,)
         super().start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Close the listener, let open connections finish for ``timeout`` seconds, then end them."""
+        self.close()
+        pools = [self.pool, *self._retired_pools]
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        for pool in pools:
+            pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        for pool in pools:
+            pool.kill(block=True, timeout=1)
+
+    def kill_connections(self) -> None:
+        for pool in (self.pool, *self._retired_pools):
+            pool.kill(block=False)
+
+    def stop_accepting(self) -> None:
+        if not self.closed and self.full():
+            self.metrics.pool_paused()
+        super().stop_accepting()
+
+    def start_accepting(self) -> None:
+        self.metrics.pool_resumed()
+        super().start_accepting()
 
     def do_read(self):
         """Survive accept() running out of fds or memory: log once per try, let gevent back off."""
@@ -114,67 +172,82 @@ class VsockProxyServer(StreamServer):
             log.warning("accept failed: %s; retrying in %.2f s", exc.strerror, self.delay)
             raise AcceptDeferred(exc.strerror) from None
 
-    @property
-    def active_connections(self) -> int:
-        return len(self.pool)
-
     def handle(self, enclave: socket.socket, address: object) -> None:
         """Serve one enclave connection; gevent closes ``enclave`` when this returns."""
+        route = self.route
         peer = describe_peer(address)
         started = time.monotonic()
+        metrics = self.metrics
+        metrics.opened()
         try:
-            upstream, endpoint = self._connect()
-        except (ResolveError, ConnectError) as exc:
-            log.warning("refused enclave=%s target=%s: %s", peer, self.target, exc)
+            upstream, endpoint = _connect(route)
+        except ResolveError as exc:
+            log.warning("refused enclave=%s target=%s: %s", peer, route.target, exc)
+            metrics.closed("dns")
             return
-        except Exception as exc:  # a bug must cost one connection, never the server
-            log.error("refused enclave=%s target=%s: internal error: %r", peer, self.target, exc)
+        except ConnectError as exc:
+            log.warning("refused enclave=%s target=%s: %s", peer, route.target, exc)
+            metrics.closed("connect")
+            return
+        except BaseException as exc:
+            metrics.closed("shutdown" if isinstance(exc, gevent.GreenletExit) else "internal")
+            if not isinstance(exc, Exception):
+                raise
+            # A bug must cost one connection, never the server.
+            log.error("refused enclave=%s target=%s: internal error: %r", peer, route.target, exc)
             return
         up = Flow(enclave, "enclave", upstream, "target")
         down = Flow(upstream, "target", enclave, "enclave")
         ending = "shutdown"
         try:
-            ending = relay(up, down)
+            ending = relay(up, down, route.idle_timeout)
         finally:
             upstream.close()
+            metrics.closed(None if ending == "eof" else ending.split("(")[0], up.bytes, down.bytes)
             log.info("closed enclave=%s target=%s up=%d down=%d duration=%.3fs end=%s",
                      peer, endpoint, up.bytes, down.bytes, time.monotonic() - started, ending)
 
-    def _connect(self) -> tuple[socket.socket, Endpoint]:
-        """Try each allowed address in turn; the first that accepts wins."""
-        failures = []
-        for endpoint in self.target.endpoints(self.resolver):
-            upstream = gevent.socket.socket(endpoint.family, socket.SOCK_STREAM)
-            try:
-                upstream.settimeout(self.connect_timeout)
-                upstream.connect(endpoint.sockaddr)
-                upstream.settimeout(None)
-                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            except OSError as exc:
-                upstream.close()
-                reason = "timed out" if isinstance(exc, socket.timeout) else exc.strerror or str(exc)
-                failures.append(f"{endpoint}: {reason}")
-                continue
-            return upstream, endpoint
-        raise ConnectError("; ".join(failures))
+
+def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
+    """Try each allowed address in turn; the first that accepts wins."""
+    failures = []
+    for endpoint in route.target.endpoints(route.resolver):
+        upstream = gevent.socket.socket(endpoint.family, socket.SOCK_STREAM)
+        try:
+            upstream.settimeout(route.connect_timeout)
+            upstream.connect(endpoint.sockaddr)
+            upstream.settimeout(None)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError as exc:
+            upstream.close()
+            reason = "timed out" if isinstance(exc, socket.timeout) else exc.strerror or str(exc)
+            failures.append(f"{endpoint}: {reason}")
+            continue
+        return upstream, endpoint
+    raise ConnectError("; ".join(failures))
 
 
-class ConnectError(Exception):
-    """No allowed address of the target accepted a connection."""
-
-
-def relay(up: Flow, down: Flow) -> str:
+def relay(up: Flow, down: Flow, idle_timeout: float = 0.0) -> str:
     """Run both directions until each has ended; the first failure ends both.
 
     Returns how the connection ended, for the log: ``eof`` when both sides
-    finished cleanly, otherwise the failure.
+    finished cleanly, ``idle-timeout`` when neither moved a byte for
+    ``idle_timeout`` seconds (0 disables it), otherwise the failure.
     """
-    pipes = [gevent.spawn(_pipe_outcome, up), gevent.spawn(_pipe_outcome, down)]
+    pending = [gevent.spawn(_pipe_outcome, up), gevent.spawn(_pipe_outcome, down)]
+    pipes = list(pending)
     try:
-        for finished in gevent.iwait(pipes):
-            if finished.value is not None:
-                return finished.value
+        while pending:
+            timeout = None
+            if idle_timeout > 0:
+                timeout = max(up.last_active, down.last_active) + idle_timeout - time.monotonic()
+                if timeout <= 0:
+                    return "idle-timeout"
+            for finished in gevent.wait(pending, timeout=timeout, count=1):
+                pending.remove(finished)
+                if finished.value is not None:
+                    return finished.value
         return "eof"
     finally:
         gevent.killall(pipes)
@@ -190,34 +263,3 @@ def _pipe_outcome(flow: Flow) -> str | None:
         log.error("internal error in %s->%s pipe: %r", flow.source_name, flow.sink_name, exc)
         return "internal-error"
     return None
-
-
-def serve_until_signalled(servers: Iterable[VsockProxyServer], grace: float) -> None:
-    """Serve until SIGTERM or SIGINT, then drain open connections for up to ``grace`` seconds.
-
-    A second signal during the drain ends the remaining connections at once.
-    """
-    servers = list(servers)
-    stopping = Event()
-    handlers = [gevent.signal_handler(signum, stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
-    try:
-        for server in servers:
-            server.start()
-        stopping.wait()
-        for handler in handlers:
-            handler.cancel()
-        handlers = [gevent.signal_handler(signum, _kill_all, servers)
-                    for signum in (signal.SIGTERM, signal.SIGINT)]
-        active = sum(server.active_connections for server in servers)
-        log.info("stopping: listener closed, waiting up to %gs for %d open connection(s)", grace, active)
-        gevent.joinall([gevent.spawn(server.stop, grace) for server in servers])
-        log.info("stopped")
-    finally:
-        for handler in handlers:
-            handler.cancel()
-
-
-def _kill_all(servers: list[VsockProxyServer]) -> None:
-    log.info("second signal: closing open connections now")
-    for server in servers:
-        server.pool.kill(block=False)
