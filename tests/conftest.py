@@ -66,8 +66,13 @@ def new_server(target, resolver, *, listener, num_workers: int = 4, connect_time
 # --------------------------------------------------------------------------- environment
 
 @pytest.fixture(autouse=True)
-def _no_inherited_proxy_env(monkeypatch):
-    """A VSOCK_PROXY_* variable in the developer's shell must not change any test's outcome."""
+def _no_inherited_proxy_env(request, monkeypatch):
+    """A VSOCK_PROXY_* variable in the developer's shell must not change a host test's outcome.
+
+    Only for modules directly in tests/: suites in subfolders (tests/vm, tests/e2e) own their environment.
+    """
+    if Path(str(request.node.path)).parent != Path(__file__).parent:
+        return
     for name in list(os.environ):
         if name.startswith("VSOCK_PROXY_"):
             monkeypatch.delenv(name)
@@ -78,7 +83,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VSOCK_PROXY_")}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
-    env["COLUMNS"] = "100"
+    env["COLUMNS"] = "250"  # argparse would otherwise wrap long words at hyphens
     env.update(extra)
     return env
 
@@ -87,9 +92,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_cli():
     """Run ``python -m vsockproxy ARGS`` to completion (bounded) and return the CompletedProcess."""
 
-    def run(*args: str, timeout: float = 20, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vsockproxy", *args], cwd=REPO, env=env or cli_env(),
-                              capture_output=True, text=True, timeout=timeout)
+    def run(*args: str, timeout: float = 10, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([sys.executable, "-m", "vsockproxy", *args], cwd=REPO, env=env or cli_env(),
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:  # subprocess.run has killed it by now
+            stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr
+            raise AssertionError(f"vsock-proxy {' '.join(args)} still running after {timeout}s "
+                                 f"(it should have exited); stderr: {stderr}") from None
 
     return run
 
@@ -115,35 +125,16 @@ class LoggedProcess:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.argv = argv
         self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self._stdout: list[str] = []
-        self._threads = [threading.Thread(target=self._pump_stderr, daemon=True),
-                         threading.Thread(target=self._pump_stdout, daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._reader = threading.Thread(target=self._pump_stderr, daemon=True)
+        self._reader.start()
 
     def _pump_stderr(self) -> None:
         for line in self.proc.stderr:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
-
-    def _pump_stdout(self) -> None:
-        for line in self.proc.stdout:
-            self._stdout.append(line)
-
-    def stdout_line(self, timeout: float = 10) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._stdout:
-                return self._stdout.pop(0).strip()
-            if self.proc.poll() is not None and not self._stdout:
-                time.sleep(0.05)
-                if not self._stdout:
-                    break
-            time.sleep(0.01)
-        raise AssertionError(f"no stdout line from {self.argv}; stderr so far: {self.text()}")
 
     def wait_for(self, needle: str, timeout: float = 10) -> str:
         """The first stderr line (new or already seen) containing ``needle``; fails after ``timeout``."""
@@ -170,8 +161,7 @@ class LoggedProcess:
     def finish(self, timeout: float = 10) -> int:
         """Wait for exit, then collect the rest of stderr."""
         code = self.proc.wait(timeout=timeout)
-        for thread in self._threads:
-            thread.join(timeout=5)
+        self._reader.join(timeout=5)
         while True:
             try:
                 line = self._queue.get_nowait()
@@ -193,9 +183,8 @@ class LoggedProcess:
         try:
             self.proc.wait(timeout=10)
         finally:
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
+            self._reader.join(timeout=5)
+            self.proc.stderr.close()
 
 
 @pytest.fixture
@@ -418,3 +407,15 @@ def recv_exactly(sock, size: int) -> bytes:
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------- hypothesis
+
+from hypothesis import Phase, settings as _hypothesis_settings  # noqa: E402
+
+# Reproducible runs, nothing written to .hypothesis/, no "explain" phase (it imports libcst and patches files).
+_hypothesis_settings.register_profile(
+    "vsockproxy", database=None, derandomize=True, deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+)
+_hypothesis_settings.load_profile("vsockproxy")

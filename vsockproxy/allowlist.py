@@ -71,8 +71,7 @@ class Rule:
             return False
 
     def __str__(self) -> str:
-        ports = ",".join(str(p) for p in sorted(self.ports))
-        return f"{self.spelling}:{ports}"
+        return _host_port(self.spelling, ",".join(str(p) for p in sorted(self.ports)))
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ class Target:
         return allowed
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return _host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -112,21 +111,26 @@ class Allowlist:
             canonical = canonical_host(host)
         except HostError as exc:
             raise NotAllowed(f"remote address {exc}") from None
+        if parse_ip(canonical) is not None:
+            try:
+                resolver.resolve(canonical, port)  # no DNS: checks the -4/-6 choice
+            except ResolveError as exc:
+                raise NotAllowed(str(exc)) from None
         candidates = [rule for rule in self.rules if port in rule.ports]
         if not candidates:
-            raise NotAllowed(f"{self.source} has no entry for port {port}")
+            raise NotAllowed(f"{_host_port(canonical, port)} is not allowed: {self.source} has no entry for port {port}")
         for rule in candidates:
             if rule.names(canonical):
                 return Target(canonical, port, rule)
         try:
             endpoints = resolver.resolve(canonical, port)
         except ResolveError as exc:
-            raise NotAllowed(f"{exc}; no entry in {self.source} names {canonical}:{port}") from None
+            raise NotAllowed(f"{exc}; no entry in {self.source} names {_host_port(canonical, port)}") from None
         admitting = tuple(
             rule for rule in candidates if any(rule.admits(e.ip, resolver, port) for e in endpoints)
         )
         if not admitting:
-            raise NotAllowed(f"{canonical}:{port} is not in the allowlist {self.source}")
+            raise NotAllowed(f"{_host_port(canonical, port)} is not in the allowlist {self.source}")
         return Target(canonical, port, admitting[0], admitting)
 
 
@@ -144,7 +148,7 @@ class ServiceSpec:
     idle_timeout: float | None = None
 
     def __str__(self) -> str:
-        return f"vsock port {self.listen_port} -> {self.address}:{self.port}"
+        return f"vsock port {self.listen_port} -> {_host_port(self.address, self.port)}"
 
 
 @dataclass(frozen=True)
@@ -300,6 +304,11 @@ def _parse_ports(value: Any, where: str) -> Iterable[int]:
     if not values:
         raise ConfigError(f"{where}: port list is empty")
     return [_integer(port, 1, 65535, f"{where}: port") for port in values]
+
+
+def _host_port(host: str, port: object) -> str:
+    """``host:port``, with IPv6 addresses in brackets so the port stays readable."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _kind(value: Any) -> str:

@@ -147,13 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vsock-proxy``; returns the process exit status."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
-    supervisor = Supervisor(settings)
     try:
-        supervisor.start()
+        Supervisor(settings).serve()
     except (ConfigError, NotAllowed, ListenError, StartupError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
-    supervisor.run()
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from typing import Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -49,9 +50,18 @@ def canonical_name(text: str) -> str:
     for label in labels:
         if not _LABEL.match(label):
             raise HostError(f"{text!r} is not a valid DNS name")
-    if _NUMERIC.match(labels[-1]):
+    if _NUMERIC.match(labels[-1]) or _inet_aton_reads(name):
         raise HostError(f"{text!r} is neither a canonical IP address nor a DNS name")
     return name
+
+
+def _inet_aton_reads(name: str) -> bool:
+    """Whether the C library would read ``name`` as an IPv4 address (``0x7f000001``) without DNS."""
+    try:
+        socket.inet_aton(name)
+    except OSError:
+        return False
+    return True
 
 
 def canonical_host(text: str) -> str:

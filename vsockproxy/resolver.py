@@ -71,9 +71,10 @@ class Resolver:
         pending = self._pending[key] = AsyncResult()
         try:
             endpoints = self._lookup(host, port)
-        except ResolveError as exc:
+        except BaseException as exc:
             self._report(False)
-            pending.set_exception(exc)
+            pending.set_exception(exc if isinstance(exc, ResolveError)
+                                  else ResolveError(f"cannot resolve {host}: look-up interrupted"))
             raise
         else:
             self._report(True)

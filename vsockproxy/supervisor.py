@@ -213,17 +213,23 @@ class Supervisor:
 
     # -- main loop -----------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until SIGTERM or SIGINT; a second one during the drain ends connections at once."""
+    def serve(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT; a second one during the drain ends connections.
+
+        The handlers go in before anything binds, so a signal that arrives
+        while starting still gets a clean drain.  Start-up errors propagate.
+        """
         stopping = Event()
         handlers = [
             gevent.signal_handler(signal.SIGTERM, stopping.set),
             gevent.signal_handler(signal.SIGINT, stopping.set),
-            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload)),
+            gevent.signal_handler(signal.SIGHUP, self._reload_when_started),
             gevent.signal_handler(signal.SIGUSR1, lambda: log.info("%s", self.summary())),
         ]
-        reporter = gevent.spawn(self._report_status) if self.notifier.enabled else None
+        reporter = None
         try:
+            self.start()
+            reporter = gevent.spawn(self._report_status) if self.notifier.enabled else None
             stopping.wait()
             for handler in handlers[:2]:
                 handler.cancel()
@@ -236,6 +242,12 @@ class Supervisor:
             for handler in handlers:
                 handler.cancel()
             self.notifier.close()
+
+    def _reload_when_started(self) -> None:
+        if self._plans:
+            gevent.spawn(self.reload)
+        else:
+            log.warning("SIGHUP ignored: still starting")
 
     def _report_status(self) -> None:
         while True:

@@ -1,0 +1,305 @@
+"""The ``vsock-proxy`` command line: flags, env vars, settings file, one-line errors, exit codes.
+
+Every test here either parses in-process (``parse_settings``) or runs a subprocess
+that exits before it would listen; the real listener is tested in test_vsock_listen.py.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from conftest import assert_one_line_error, cli_env
+from vsockproxy import __version__
+from vsockproxy.cli import parse_settings
+
+pytestmark = pytest.mark.timeout(30)
+
+ENV_VARS = [
+    "VSOCK_PROXY_IPV4", "VSOCK_PROXY_IPV6", "VSOCK_PROXY_NUM_WORKERS", "VSOCK_PROXY_CONFIG",
+    "VSOCK_PROXY_CID", "VSOCK_PROXY_BACKLOG", "VSOCK_PROXY_LOG_LEVEL", "VSOCK_PROXY_SETTINGS",
+]
+# A high vsock port: should a test wrongly get as far as listening, it must not take a well-known one.
+LOCAL_PORT = "47913"
+POSITIONALS = [LOCAL_PORT, "127.0.0.1", "9000"]
+
+
+# --------------------------------------------------------------------------- --help / --version
+
+def test_help_lists_every_flag_and_env_var(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    text = result.stdout
+    for flag in ("-4", "--ipv4", "-6", "--ipv6", "-w", "--num_workers", "--config", "--cid", "--backlog",
+                 "--log-level", "-V", "--version", "-h", "--help", "LOCAL_PORT", "REMOTE_ADDR", "REMOTE_PORT"):
+        assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", text), flag
+    for name in ENV_VARS:
+        assert name in text, name
+    assert "/etc/nitro_enclaves/vsock-proxy.yaml" in text
+
+
+def test_every_option_has_an_env_var_shown_in_help(run_cli):
+    from vsockproxy.cli import build_parser
+
+    parser = build_parser()
+    help_text = run_cli("--help").stdout
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        env_var = getattr(action, "env_var", None)
+        assert env_var and env_var.startswith("VSOCK_PROXY_"), action.option_strings
+        assert env_var in help_text, env_var
+
+
+def test_short_help_flag(run_cli):
+    result = run_cli("-h")
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version(run_cli, flag):
+    result = run_cli(flag)
+    assert result.returncode == 0, result.stderr
+    assert __version__ in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- usage errors: exit 2, one line
+
+def test_ipv4_and_ipv6_together(run_cli):
+    assert_one_line_error(run_cli("-4", "-6", *POSITIONALS), 2, "-4", "-6")
+
+
+BAD_VALUES = [
+    (["0", "127.0.0.1", "9000"], "LOCAL_PORT"),
+    (["-1", "127.0.0.1", "9000"], ""),
+    (["4294967295", "127.0.0.1", "9000"], "LOCAL_PORT"),
+    (["eighty", "127.0.0.1", "9000"], "LOCAL_PORT"),
+    ([LOCAL_PORT, "127.0.0.1", "0"], "REMOTE_PORT"),
+    ([LOCAL_PORT, "127.0.0.1", "65536"], "REMOTE_PORT"),
+    ([LOCAL_PORT, "127.0.0.1", "443x"], "REMOTE_PORT"),
+    ([LOCAL_PORT, "127.0.0.1", "4.43"], "REMOTE_PORT"),
+    ([LOCAL_PORT, "127.0.0.1", ""], "REMOTE_PORT"),
+    (["-w", "0", *POSITIONALS], "num_workers"),
+    (["-w", "many", *POSITIONALS], "num_workers"),
+    (["--num_workers=-3", *POSITIONALS], "num_workers"),
+    (["--backlog", "0", *POSITIONALS], "backlog"),
+    (["--cid", "three", *POSITIONALS], "cid"),
+    (["--cid", "-1", *POSITIONALS], "cid"),
+    (["--log-level", "chatty", *POSITIONALS], "log-level"),
+    (["-4", "-6", *POSITIONALS], "-6"),
+    (["--bogus", *POSITIONALS], "--bogus"),
+    (["-x", *POSITIONALS], "-x"),
+    ([*POSITIONALS, "extra"], "extra"),
+    ([LOCAL_PORT], "REMOTE_ADDR"),
+    ([LOCAL_PORT, "127.0.0.1"], "REMOTE_PORT"),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_VALUES)
+def test_bad_values_are_usage_errors(capsys, args, needle):
+    """In-process, every bad value: SystemExit(2) and exactly one stderr line naming the problem."""
+    with pytest.raises(SystemExit) as excinfo:
+        parse_settings(args)
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vsock-proxy: error: "), captured.err
+    assert needle.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([LOCAL_PORT, "127.0.0.1", "65536"], "REMOTE_PORT"),
+    (["eighty", "127.0.0.1", "9000"], "LOCAL_PORT"),
+    (["-w", "0", *POSITIONALS], "num_workers"),
+    (["--bogus", *POSITIONALS], "--bogus"),
+    ([LOCAL_PORT, "127.0.0.1"], "REMOTE_PORT"),
+])
+def test_bad_values_exit_2_with_one_line(run_cli, args, needle):
+    """The real command: exit status 2, one line, no traceback."""
+    line = assert_one_line_error(run_cli(*args), 2)
+    assert needle.lower() in line.lower(), line
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"VSOCK_PROXY_NUM_WORKERS": "0"}, "num_workers"),
+    ({"VSOCK_PROXY_IPV4": "1", "VSOCK_PROXY_IPV6": "1"}, "-6"),
+    ({"VSOCK_PROXY_IPV4": "maybe"}, "VSOCK_PROXY_IPV4"),
+    ({"VSOCK_PROXY_BACKLOG": "lots"}, "backlog"),
+])
+def test_bad_env_values_exit_2_with_one_line(run_cli, env, needle):
+    line = assert_one_line_error(run_cli(*POSITIONALS, env=cli_env(**env)), 2)
+    assert needle.lower() in line.lower(), line
+
+
+def test_missing_settings_file(run_cli, tmp_path):
+    missing = str(tmp_path / "absent.conf")
+    assert_one_line_error(run_cli("--settings", missing, *POSITIONALS), 2, missing)
+
+
+def test_unknown_key_in_settings_file(run_cli, tmp_path):
+    settings = tmp_path / "proxy.conf"
+    settings.write_text("bogus = 1\n")
+    assert_one_line_error(run_cli("--settings", str(settings), *POSITIONALS), 2, "bogus")
+
+
+# --------------------------------------------------------------------------- configuration errors: exit 1
+
+def test_allowlist_rejected_target(run_cli, write_config):
+    config = write_config([("127.0.0.1", 9000)])
+    assert_one_line_error(run_cli(LOCAL_PORT, "127.0.0.2", "9000", "--config", config), 1, "127.0.0.2")
+
+
+def test_allowlist_rejected_port(run_cli, write_config):
+    config = write_config([("127.0.0.1", 9000)])
+    line = assert_one_line_error(run_cli(LOCAL_PORT, "127.0.0.1", "9001", "--config", config), 1, "9001", config)
+    assert "127.0.0.1" in line
+
+
+@pytest.mark.parametrize("remote", ["2130706433", "127.1", "0177.0.0.1"])
+def test_loose_remote_spelling_rejected(run_cli, write_config, remote):
+    config = write_config([("127.0.0.1", 9000)])
+    assert_one_line_error(run_cli(LOCAL_PORT, remote, "9000", "--config", config), 1, remote)
+
+
+def test_ipv4_only_rejects_ipv6_literal_target(run_cli, write_config):
+    config = write_config([('"::1"', 9000)])
+    assert_one_line_error(run_cli("-4", LOCAL_PORT, "::1", "9000", "--config", config, timeout=5), 1, "::1")
+
+
+def test_default_config_path_is_used(run_cli, tmp_path):
+    """Without --config the default /etc path is read; here it is absent or does not allow the target."""
+    result = run_cli(LOCAL_PORT, "127.0.0.254", "1", env=cli_env())
+    line = assert_one_line_error(result, 1)
+    assert "/etc/nitro_enclaves/vsock-proxy.yaml" in line or "127.0.0.254" in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not-yaml", "python-tag", "no-allowlist",
+                                  "not-a-list", "bad-port"])
+def test_config_file_errors_exit_1_naming_the_file(run_cli, tmp_path, write_config, kind):
+    if kind == "missing":
+        config = str(tmp_path / "absent.yaml")
+    elif kind == "directory":
+        config = str(tmp_path)
+    else:
+        config = write_config({
+            "not-yaml": "allowlist: [\n",
+            "python-tag": "allowlist: !!python/object/apply:os.getcwd []\n",
+            "no-allowlist": "entries: []\n",
+            "not-a-list": "allowlist: 127.0.0.1\n",
+            "bad-port": "allowlist:\n- {address: 127.0.0.1, port: '9000'}\n",
+        }[kind])
+    assert_one_line_error(run_cli(*POSITIONALS, "--config", config), 1, config)
+
+
+def test_config_from_env(run_cli, write_config):
+    config = write_config([("127.0.0.1", 9000)])
+    result = run_cli(LOCAL_PORT, "127.0.0.3", "9000", env=cli_env(VSOCK_PROXY_CONFIG=config))
+    assert_one_line_error(result, 1, config)
+
+
+def test_cli_config_beats_env_config(run_cli, write_config, tmp_path):
+    good = write_config([("127.0.0.1", 9000)])
+    result = run_cli(LOCAL_PORT, "127.0.0.3", "9000", "--config", good,
+                     env=cli_env(VSOCK_PROXY_CONFIG=str(tmp_path / "absent.yaml")))
+    assert_one_line_error(result, 1, good, "127.0.0.3")
+
+
+def test_listen_on_a_foreign_cid_fails_with_one_line(run_cli, write_config):
+    """Binding (never connecting) a CID that is not this machine's fails cleanly with exit 1."""
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except OSError:
+        pytest.skip("no AF_VSOCK on this kernel")
+    config = write_config([("127.0.0.1", 9000)])
+    result = run_cli("--cid", "123456", "43210", "127.0.0.1", "9000", "--config", config)
+    assert_one_line_error(result, 1, "123456")
+
+
+# --------------------------------------------------------------------------- precedence: CLI > env > settings > default
+
+@pytest.fixture
+def settings_file(tmp_path):
+    path = tmp_path / "proxy.conf"
+    path.write_text("num_workers = 5\nbacklog = 555\nlog-level = warning\ncid = 7\nconfig = /from/settings.yaml\n")
+    return str(path)
+
+
+def test_defaults():
+    settings = parse_settings(POSITIONALS)
+    assert (settings.local_port, settings.remote_addr, settings.remote_port) == (int(LOCAL_PORT), "127.0.0.1", 9000)
+    assert settings.num_workers == 4
+    assert settings.ipv4 is False and settings.ipv6 is False
+    assert settings.config == "/etc/nitro_enclaves/vsock-proxy.yaml"
+    assert settings.cid == socket.VMADDR_CID_ANY
+    assert settings.backlog >= 1024
+    assert settings.log_level == "info"
+
+
+def test_long_and_short_flags():
+    settings = parse_settings(["-4", "-w", "9", "--config", "/x.yaml", "--cid", "3", "--backlog", "2048",
+                               "--log-level", "DEBUG", *POSITIONALS])
+    assert settings.ipv4 and not settings.ipv6
+    assert (settings.num_workers, settings.config, settings.cid, settings.backlog, settings.log_level) == \
+        (9, "/x.yaml", 3, 2048, "debug")
+    settings = parse_settings(["--ipv6", "--num_workers", "2", "--cid", "any", *POSITIONALS])
+    assert settings.ipv6 and settings.num_workers == 2 and settings.cid == socket.VMADDR_CID_ANY
+
+
+def test_settings_file_beats_defaults(settings_file):
+    settings = parse_settings(["--settings", settings_file, *POSITIONALS])
+    assert (settings.num_workers, settings.backlog, settings.log_level, settings.cid, settings.config) == \
+        (5, 555, "warning", 7, "/from/settings.yaml")
+
+
+def test_settings_file_from_env(monkeypatch, settings_file):
+    monkeypatch.setenv("VSOCK_PROXY_SETTINGS", settings_file)
+    assert parse_settings(POSITIONALS).num_workers == 5
+
+
+def test_env_beats_settings_file(monkeypatch, settings_file):
+    monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "6")
+    monkeypatch.setenv("VSOCK_PROXY_LOG_LEVEL", "error")
+    monkeypatch.setenv("VSOCK_PROXY_CONFIG", "/from/env.yaml")
+    settings = parse_settings(["--settings", settings_file, *POSITIONALS])
+    assert (settings.num_workers, settings.log_level, settings.config) == (6, "error", "/from/env.yaml")
+    assert settings.backlog == 555  # not in env: the settings file still counts
+
+
+def test_cli_beats_env_and_settings_file(monkeypatch, settings_file):
+    monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "6")
+    monkeypatch.setenv("VSOCK_PROXY_CID", "8")
+    settings = parse_settings(["--settings", settings_file, "-w", "7", "--cid", "9", *POSITIONALS])
+    assert (settings.num_workers, settings.cid, settings.backlog) == (7, 9, 555)
+
+
+def test_env_beats_default(monkeypatch):
+    monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "3")
+    monkeypatch.setenv("VSOCK_PROXY_BACKLOG", "2048")
+    monkeypatch.setenv("VSOCK_PROXY_IPV6", "true")
+    settings = parse_settings(POSITIONALS)
+    assert (settings.num_workers, settings.backlog, settings.ipv6) == (3, 2048, True)
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("1", True), ("yes", True),
+                                             ("false", False), ("0", False), ("no", False)])
+def test_boolean_env_values(monkeypatch, value, expected):
+    monkeypatch.setenv("VSOCK_PROXY_IPV4", value)
+    assert parse_settings(POSITIONALS).ipv4 is expected
+
+
+def test_family_flag_on_cli_overrides_the_other_family_from_env(monkeypatch):
+    monkeypatch.setenv("VSOCK_PROXY_IPV4", "1")
+    settings = parse_settings(["-6", *POSITIONALS])
+    assert settings.ipv6 and not settings.ipv4
+
+
+def test_parse_errors_are_system_exit_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        parse_settings(["-w", "0", *POSITIONALS])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "num_workers" in err and "Traceback" not in err

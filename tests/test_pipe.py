@@ -1,0 +1,247 @@
+"""vsockproxy.pipe on socketpairs: bytes verbatim, EOF becomes SHUT_WR, errors name the failing side."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import struct
+
+import gevent
+import gevent.socket
+import pytest
+
+from conftest import recv_all, wait_until
+from vsockproxy.pipe import BufferPool, Flow, PeerError, pipe
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def sockets():
+    """Make gevent socketpairs / TCP pairs; all closed at teardown."""
+    made: list[socket.socket] = []
+
+    def unix_pair():
+        a, b = gevent.socket.socketpair()
+        for s in (a, b):
+            s.settimeout(10)
+        made.extend((a, b))
+        return a, b
+
+    def tcp_pair():
+        with gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            a = gevent.socket.create_connection(listener.getsockname(), timeout=10)
+            b, _ = listener.accept()
+        for s in (a, b):
+            s.settimeout(10)
+        made.extend((a, b))
+        return a, b
+
+    yield unix_pair, tcp_pair
+    for s in made:
+        s.close()
+
+
+def rig(make_pair):
+    """writer -> source ==pipe==> sink -> reader; returns (writer, flow, reader)."""
+    writer, source = make_pair()
+    sink, reader = make_pair()
+    return writer, Flow(source, "enclave", sink, "target"), reader
+
+
+def run_pipe(flow):
+    """Run pipe() in a greenlet, returning the greenlet; exceptions stay on it (not printed)."""
+    def quietly():
+        try:
+            pipe(flow)
+        except BaseException as exc:
+            return exc
+        return None
+    return gevent.spawn(quietly)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024 + 7])
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_bytes_move_verbatim_then_eof(sockets, kind, size):
+    unix_pair, tcp_pair = sockets
+    writer, flow, reader = rig(unix_pair if kind == "unix" else tcp_pair)
+    payload = os.urandom(size)
+    worker = run_pipe(flow)
+    sender = gevent.spawn(lambda: (writer.sendall(payload), writer.shutdown(socket.SHUT_WR)))
+    received = recv_all(reader)
+    sender.get(timeout=10)
+    assert worker.get(timeout=10) is None
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert flow.bytes == size
+
+
+def test_eof_shuts_down_only_the_sinks_write_side(sockets):
+    unix_pair, _ = sockets
+    writer, flow, reader = rig(unix_pair)
+    worker = run_pipe(flow)
+    writer.sendall(b"last words")
+    writer.shutdown(socket.SHUT_WR)
+    assert recv_all(reader) == b"last words"
+    assert worker.get(timeout=5) is None
+    # The sink can still receive: the other direction of a half-closed connection keeps flowing.
+    reader.sendall(b"reply after EOF")
+    assert flow.sink.recv(100) == b"reply after EOF"
+    # And the source was not shut down for writing.
+    flow.source.sendall(b"still open")
+    assert writer.recv(100) == b"still open"
+
+
+def test_pipe_does_not_close_either_socket(sockets):
+    unix_pair, _ = sockets
+    writer, flow, reader = rig(unix_pair)
+    writer.shutdown(socket.SHUT_WR)
+    assert run_pipe(flow).get(timeout=5) is None
+    assert flow.source.fileno() >= 0 and flow.sink.fileno() >= 0
+
+
+def test_many_small_writes_arrive_in_order(sockets):
+    unix_pair, _ = sockets
+    writer, flow, reader = rig(unix_pair)
+    worker = run_pipe(flow)
+    messages = [struct.pack("!I", i) * (i % 7 + 1) for i in range(2000)]
+
+    def send():
+        for message in messages:
+            writer.sendall(message)
+            if len(message) == 4:
+                gevent.sleep(0)
+        writer.shutdown(socket.SHUT_WR)
+
+    sender = gevent.spawn(send)
+    assert recv_all(reader) == b"".join(messages)
+    sender.get(timeout=10)
+    assert worker.get(timeout=5) is None
+
+
+def test_backpressure_holds_bytes_in_the_kernel_not_in_memory(sockets):
+    """A reader that stops reading stalls the pipe; nothing piles up in the process."""
+    _, tcp_pair = sockets
+    writer, flow, reader = rig(tcp_pair)
+    worker = run_pipe(flow)
+    writer.setblocking(False)
+    chunk = os.urandom(64 * 1024)
+    sent = bytearray()
+    stalled_since = None
+    while True:  # fill until the writer cannot send for 0.3 s
+        try:
+            n = writer.send(chunk)
+            sent += chunk[:n]
+            stalled_since = None
+        except BlockingIOError:
+            now = gevent.get_hub().loop.now()
+            stalled_since = stalled_since or now
+            if now - stalled_since > 0.3:
+                break
+            gevent.sleep(0.01)
+        assert len(sent) < 256 * 1024 * 1024, "the pipe never pushed back"
+    moved = flow.bytes
+    gevent.sleep(0.2)
+    assert flow.bytes == moved, "pipe kept reading while its sink was full"
+    writer.setblocking(True)
+    writer.settimeout(10)
+    writer.shutdown(socket.SHUT_WR)
+    received = recv_all(reader)
+    assert worker.get(timeout=10) is None
+    assert hashlib.sha256(received).digest() == hashlib.sha256(bytes(sent)).digest()
+
+
+def test_reset_source_raises_peer_error_naming_the_source(sockets):
+    _, tcp_pair = sockets
+    writer, flow, reader = rig(tcp_pair)
+    worker = run_pipe(flow)
+    writer.sendall(b"partial")
+    assert reader.recv(100) == b"partial"
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()  # RST
+    error = worker.get(timeout=5)
+    assert isinstance(error, PeerError), error
+    assert error.side == "enclave"
+    assert error.error.errno == errno.ECONNRESET
+    assert str(error).startswith("enclave ")
+
+
+def test_broken_sink_raises_peer_error_naming_the_sink(sockets):
+    unix_pair, _ = sockets
+    writer, flow, reader = rig(unix_pair)
+    reader.close()
+    worker = run_pipe(flow)
+    writer.sendall(b"nobody will read this")
+    error = worker.get(timeout=5)
+    assert isinstance(error, PeerError), error
+    assert error.side == "target"
+    assert error.error.errno in (errno.EPIPE, errno.ECONNRESET)
+    assert "target" in str(error)
+
+
+def test_side_names_come_from_the_flow(sockets):
+    unix_pair, _ = sockets
+    writer, source = unix_pair()
+    sink, reader = unix_pair()
+    reader.close()
+    flow = Flow(source, "upstream-name", sink, "downstream-name")
+    worker = run_pipe(flow)
+    writer.sendall(b"x")
+    error = worker.get(timeout=5)
+    assert isinstance(error, PeerError) and error.side == "downstream-name"
+
+
+def test_killing_the_pipe_greenlet_releases_its_watchers(sockets):
+    """Greenlets are killed when the other direction fails; the sockets must stay usable (no stuck watchers)."""
+    unix_pair, _ = sockets
+    writer, flow, reader = rig(unix_pair)
+    worker = gevent.spawn(pipe, flow)
+    gevent.sleep(0.05)
+    worker.kill(block=True, timeout=5)
+    assert worker.dead
+    # A second pipe on the same sockets works: the first left no io watcher behind.
+    second = run_pipe(flow)
+    writer.sendall(b"after kill")
+    writer.shutdown(socket.SHUT_WR)
+    assert recv_all(reader) == b"after kill"
+    assert second.get(timeout=5) is None
+
+
+def test_two_directions_at_once(sockets):
+    """Both pipes of a connection run together on the same pair of sockets."""
+    unix_pair, _ = sockets
+    enclave_client, enclave = unix_pair()
+    target, target_server = unix_pair()
+    up = run_pipe(Flow(enclave, "enclave", target, "target"))
+    down = run_pipe(Flow(target, "target", enclave, "enclave"))
+    up_data, down_data = os.urandom(2 << 20), os.urandom(3 << 20)
+
+    def send(sock, data):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    senders = [gevent.spawn(send, enclave_client, up_data), gevent.spawn(send, target_server, down_data)]
+    got_down = gevent.spawn(recv_all, enclave_client)
+    got_up = gevent.spawn(recv_all, target_server)
+    assert got_up.get(timeout=10) == up_data
+    assert got_down.get(timeout=10) == down_data
+    gevent.joinall(senders, raise_error=True, timeout=10)
+    assert up.get(timeout=5) is None and down.get(timeout=5) is None
+
+
+def test_buffer_pool_reuses_and_bounds_its_free_list():
+    pool = BufferPool(size=16, keep=2)
+    a, b, c = pool.take(), pool.take(), pool.take()
+    assert len(a) == 16 and a is not b
+    for buffer in (a, b, c):
+        pool.give(buffer)
+    assert len(pool._free) == 2
+    assert pool.take() in (a, b)
+
+
+def test_wait_until_helper_fails_loudly():
+    with pytest.raises(AssertionError, match="never"):
+        wait_until(lambda: False, timeout=0.05, what="never")
