@@ -36,31 +36,22 @@ from vsockproxy.resolver import Resolver  # noqa: E402
 from vsockproxy.server import VsockProxyServer  # noqa: E402
 
 
-# --------------------------------------------------------------------------- product API adapters
-# The allowlist file grew into a config file (``load_config``/``parse_config``) and the server takes a
-# ``Route``; these helpers let the tests speak about "the allowlist" and "a server" either way.
+# --------------------------------------------------------------------------- product API shortcuts
 
 def load_allowlist(path: str):
     """The Allowlist read from the YAML file at ``path`` (raises ConfigError)."""
-    if hasattr(_allowlist, "load_config"):
-        return _allowlist.load_config(path).allowlist
-    return _allowlist.load_allowlist(path)
+    return _allowlist.load_config(path).allowlist
 
 
 def parse_allowlist(document, source: str):
     """The Allowlist in an already-loaded YAML document (raises ConfigError)."""
-    if hasattr(_allowlist, "parse_config"):
-        return _allowlist.parse_config(document, source).allowlist
-    return _allowlist.parse_allowlist(document, source)
+    return _allowlist.parse_config(document, source).allowlist
 
 
 def new_server(target, resolver, *, listener, num_workers: int = 4, connect_timeout: float = 2.0):
     """A VsockProxyServer forwarding to ``target`` from an injected ``listener``."""
-    if hasattr(_server, "Route"):
-        route = _server.Route(target, resolver, connect_timeout=connect_timeout)
-        return VsockProxyServer(route, num_workers=num_workers, listener=listener)
-    return VsockProxyServer(target, resolver, num_workers=num_workers, connect_timeout=connect_timeout,
-                            listener=listener)
+    return VsockProxyServer(_server.Route(target, resolver, connect_timeout=connect_timeout),
+                            num_workers=num_workers, listener=listener)
 
 
 # --------------------------------------------------------------------------- environment
