@@ -127,16 +127,15 @@ class LoggedProcess:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for(self, needle: str, timeout: float = 10) -> str:
-        """The first stderr line (new or already seen) containing ``needle``; fails after ``timeout``."""
-        for line in self.lines:
-            if needle in line:
-                return line
+    def wait_for(self, needle: str, timeout: float = 10, count: int = 1) -> str:
+        """The ``count``-th stderr line (new or already seen) containing ``needle``; fails after ``timeout``."""
+        matches = [line for line in self.lines if needle in line]
         deadline = time.monotonic() + timeout
-        while True:
+        while len(matches) < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"{needle!r} not logged within {timeout}s; stderr: {self.text()}")
+                raise AssertionError(f"{needle!r} not logged {count} time(s) within {timeout}s; "
+                                     f"stderr: {self.text()}")
             try:
                 line = self._queue.get(timeout=remaining)
             except queue.Empty:
@@ -147,7 +146,8 @@ class LoggedProcess:
                                      f"stderr: {self.text()}")
             self.lines.append(line)
             if needle in line:
-                return line
+                matches.append(line)
+        return matches[count - 1]
 
     def finish(self, timeout: float = 10) -> int:
         """Wait for exit, then collect the rest of stderr."""

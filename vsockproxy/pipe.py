@@ -9,6 +9,7 @@ a slow reader holds exactly one, which is the backpressure bound.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -97,7 +98,10 @@ def pipe(flow: Flow, buffers: BufferPool = BUFFERS) -> None:
         try:
             flow.sink.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            raise PeerError(flow.sink_name, exc) from None
+            # vsock (unlike TCP) says ENOTCONN once the peer has closed completely:
+            # everything was delivered and there is nobody left to tell about EOF.
+            if exc.errno != errno.ENOTCONN:
+                raise PeerError(flow.sink_name, exc) from None
     finally:
         readable.close()
         writable.close()
