@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from conftest import REPO, FakeDNS, load_allowlist, no_dns, parse_allowlist
+from tests.conftest import REPO, FakeDNS, load_allowlist, no_dns, parse_allowlist
 from vsockproxy.allowlist import ConfigError, NotAllowed
 from vsockproxy.resolver import ResolveError, Resolver
 

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from conftest import assert_one_line_error, cli_env
+from tests.conftest import assert_one_line_error, cli_env
 from vsockproxy import __version__
 from vsockproxy.cli import parse_settings
 

@@ -16,7 +16,7 @@ import gevent.event
 import gevent.socket
 import pytest
 
-from conftest import (FakeDNS, assert_one_line_error, recv_all, recv_exactly, unused_tcp_port, wait_until)
+from tests.conftest import (FakeDNS, assert_one_line_error, recv_all, recv_exactly, unused_tcp_port, wait_until)
 from vsockproxy.resolver import Resolver
 
 pytestmark = pytest.mark.timeout(60)

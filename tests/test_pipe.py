@@ -12,7 +12,7 @@ import gevent
 import gevent.socket
 import pytest
 
-from conftest import recv_all, wait_until
+from tests.conftest import recv_all, wait_until
 from vsockproxy.pipe import BufferPool, Flow, PeerError, pipe
 
 pytestmark = pytest.mark.timeout(30)

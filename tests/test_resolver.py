@@ -9,7 +9,7 @@ import time
 import gevent
 import pytest
 
-from conftest import FakeDNS, no_dns
+from tests.conftest import FakeDNS, no_dns
 from vsockproxy.resolver import Endpoint, ResolveError, Resolver
 
 

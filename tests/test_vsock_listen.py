@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -159,7 +159,7 @@ def test_signal_right_after_listening_still_stops_cleanly(spawn, write_config, s
     Fails if the signal handlers are installed only after "listening" is logged (and READY=1 sent):
     SIGTERM then kills the process outright (-15) and SIGINT becomes a KeyboardInterrupt (130).
     """
-    from conftest import cli_env
+    from tests.conftest import cli_env
 
     config = write_config([("127.0.0.1", 9)])
     port = free_vsock_port()

@@ -29,7 +29,8 @@ class OneLineParser(configargparse.ArgumentParser):
     """argparse prints usage plus the error; operators and scripts want just the error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+        one_line = message.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        self.exit(2, f"{PROG}: error: {one_line} (see {PROG} --help)\n")
 
 
 def _bounded_int(low: int, high: int, what: str):

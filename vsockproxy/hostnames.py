@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import reprlib
 import socket
 from typing import Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
 
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")
 _NUMERIC = re.compile(r"[0-9]+\Z")
@@ -24,8 +28,19 @@ class HostError(ValueError):
     """The text is neither a canonical IP address nor a valid DNS name."""
 
 
+def short_repr(value: object) -> str:
+    """``repr`` cut to a line's worth, however large or deeply aliased the value is."""
+    return _SHORT.repr(value)
+
+
 def parse_ip(text: str) -> IPAddress | None:
-    """The address ``text`` spells in canonical form, or None if it is not an IP literal."""
+    """The address ``text`` spells in canonical form, or None if it is not an IP literal.
+
+    IPv6 zone indexes (``fe80::1%eth0``) are not taken: they name an interface
+    of this machine, which an allowlist cannot vouch for.
+    """
+    if "%" in text:
+        return None
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -40,18 +55,18 @@ def canonical_name(text: str) -> str:
     if not isinstance(text, str) or not text:
         raise HostError("empty host name")
     if not text.isascii():
-        raise HostError(f"{text!r} is not an ASCII DNS name (write IDNs in their xn-- form)")
+        raise HostError(f"{short_repr(text)} is not an ASCII DNS name (write IDNs in their xn-- form)")
     name = text.lower()
     if name.endswith("."):
         name = name[:-1]
     if len(name) > 253:
-        raise HostError(f"{text!r} is longer than 253 characters")
+        raise HostError(f"{short_repr(text)} is longer than 253 characters")
     labels = name.split(".")
     for label in labels:
         if not _LABEL.match(label):
-            raise HostError(f"{text!r} is not a valid DNS name")
+            raise HostError(f"{short_repr(text)} is not a valid DNS name")
     if _NUMERIC.match(labels[-1]) or _inet_aton_reads(name):
-        raise HostError(f"{text!r} is neither a canonical IP address nor a DNS name")
+        raise HostError(f"{short_repr(text)} is neither a canonical IP address nor a DNS name")
     return name
 
 

@@ -8,6 +8,7 @@ of connects costs one query rather than one per connection.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 from typing import Callable, NamedTuple
@@ -96,12 +97,7 @@ class Resolver:
                 f"{address} is an {FAMILY_NAMES[family]} address, but only "
                 f"{FAMILY_NAMES[self.family]} is enabled"
             )
-        if family == socket.AF_INET6:
-            # getaddrinfo fills in the scope id of link-local addresses.
-            sockaddr = socket.getaddrinfo(str(address), port, family, socket.SOCK_STREAM, 0,
-                                          socket.AI_NUMERICHOST)[0][4]
-        else:
-            sockaddr = (str(address), port)
+        sockaddr = (str(address), port, 0, 0) if family == socket.AF_INET6 else (str(address), port)
         return Endpoint(family, sockaddr, address)
 
     def _lookup(self, host: str, port: int) -> list[Endpoint]:
@@ -117,7 +113,7 @@ class Resolver:
             if family not in FAMILY_NAMES or sockaddr in seen:
                 continue
             seen.add(sockaddr)
-            endpoints.append(Endpoint(family, sockaddr, parse_ip(sockaddr[0].split("%")[0])))
+            endpoints.append(Endpoint(family, sockaddr, ipaddress.ip_address(sockaddr[0].split("%")[0])))
         if not endpoints:
             wanted = FAMILY_NAMES.get(self.family, "IP")
             raise ResolveError(f"cannot resolve {host}: no {wanted} address")

@@ -262,6 +262,8 @@ def _family(spec: ServiceSpec) -> int:
 def parse_host_port(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into a bind address; raises ValueError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    if host.startswith("[") and host.endswith("]") and len(host) > 2:
+        host = host[1:-1]
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host or any(c in host for c in "[]"):
         raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    return host, int(port)
