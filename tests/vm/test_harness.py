@@ -94,6 +94,13 @@ def test_stdout_stderr_and_exit_status_come_back_separately() -> None:
     assert (result.returncode, result.stdout, result.stderr) == (7, "out\n", "err\n")
 
 
+def test_no_output_is_lost_when_the_guest_powers_off() -> None:
+    result = vsock_vm("sh", "-c", "seq 1 300000; seq 1 1000 >&2")
+    assert result.returncode == 0
+    assert result.stdout == "".join(f"{i}\n" for i in range(1, 300001))
+    assert result.stderr == "".join(f"{i}\n" for i in range(1, 1001))
+
+
 def test_marker_cwd_environment_and_stdin_in_the_guest() -> None:
     assert os.environ.get(IN_VM_VAR) != "1"
     env = dict(os.environ, VSOCK_VM_TEST_VALUE="it's \"quoted\"\n$HOME `x` \\")
