@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 from typing import NoReturn, Sequence
 
@@ -140,14 +141,28 @@ def parse_settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def configure_logging(level: str) -> None:
+    """Plain lines on stderr; records skip the caller, thread and process look-ups the format never shows."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None  # documented switch: no sys._getframe() walk per record
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="%(asctime)s %(levelname)s %(message)s")
+
+
+def raise_fd_limit() -> None:
+    """Each connection costs two sockets (and briefly a pipe): use every fd the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vsock-proxy``; returns the process exit status."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    raise_fd_limit()
     try:
         Supervisor(settings).serve()
     except (ConfigError, NotAllowed, ListenError, StartupError) as exc:

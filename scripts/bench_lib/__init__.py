@@ -1,0 +1,1 @@
+"""Helpers of ``scripts/bench``: addresses, the target servers, the load generators, the proxy runner."""
