@@ -1,15 +1,20 @@
 """Moves one direction of a connection's bytes, verbatim, with backpressure and half-close.
 
-The copy runs on raw non-blocking file descriptors driven by the gevent hub's
-own io watchers (what gevent's sockets do inside), so one loop serves vsock,
-TCP and Unix sockets alike.  Buffers come from a shared free list and are held
-only while a chunk is in flight: an idle connection holds no buffer at all, and
-a slow reader holds exactly one, which is the backpressure bound.
+Bytes go socket -> kernel pipe -> socket with ``splice(2)``, so they never
+pass through Python; where the kernel refuses to splice a socket, a copy loop
+through a user-space buffer takes over.  Both run on raw non-blocking file
+descriptors driven by the gevent hub's own io watchers (what gevent's sockets
+do inside), so one loop serves vsock, TCP and Unix sockets alike.
+
+Kernel pipes and buffers come from shared free lists and are held only while
+a chunk is in flight: an idle connection holds neither, and a slow reader
+holds exactly one, which is the backpressure bound.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import time
@@ -17,7 +22,11 @@ import time
 from gevent.hub import get_hub
 
 CHUNK_BYTES = 256 * 1024
+PIPE_BYTES = 1024 * 1024
 READ, WRITE = 1, 2
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 class PeerError(Exception):
@@ -51,6 +60,49 @@ class BufferPool:
 BUFFERS = BufferPool()
 
 
+class KernelPipe:
+    """A non-blocking pipe used as the splice buffer between two sockets."""
+
+    __slots__ = ("read_fd", "write_fd", "capacity")
+
+    def __init__(self, size: int) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.capacity = fcntl.fcntl(self.write_fd, F_SETPIPE_SZ, size)
+        except OSError:  # over the per-user pipe allowance: keep the default size
+            self.capacity = fcntl.fcntl(self.write_fd, F_GETPIPE_SZ)
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class PipePool:
+    """Empty kernel pipes shared by every connection, so an idle one holds no pipe fds."""
+
+    def __init__(self, size: int = PIPE_BYTES, keep: int = 16) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[KernelPipe] = []
+
+    def take(self) -> KernelPipe:
+        return self._free.pop() if self._free else KernelPipe(self.size)
+
+    def give(self, kernel_pipe: KernelPipe) -> None:
+        """Take back an *empty* pipe."""
+        if len(self._free) < self.keep:
+            self._free.append(kernel_pipe)
+        else:
+            kernel_pipe.close()
+
+
+PIPES = PipePool()
+
+
+class SpliceRefused(Exception):
+    """The kernel cannot splice from this socket; copy instead."""
+
+
 class Flow:
     """One direction of a connection and the bytes it has moved so far."""
 
@@ -65,36 +117,19 @@ class Flow:
         self.last_active = time.monotonic()
 
 
-def pipe(flow: Flow, buffers: BufferPool = BUFFERS) -> None:
-    """Copy ``flow.source`` to ``flow.sink`` until EOF, then shut down the sink's write side.
+def pipe(flow: Flow, buffers: BufferPool = BUFFERS, pipes: PipePool = PIPES) -> None:
+    """Move ``flow.source`` to ``flow.sink`` until EOF, then shut down the sink's write side.
 
     Returns normally on EOF; raises PeerError naming the side that failed.
     """
     hub = get_hub()
-    source_fd = flow.source.fileno()
-    sink_fd = flow.sink.fileno()
-    readable = hub.loop.io(source_fd, READ)
-    writable = hub.loop.io(sink_fd, WRITE)
+    readable = hub.loop.io(flow.source.fileno(), READ)
+    writable = hub.loop.io(flow.sink.fileno(), WRITE)
     try:
-        while True:
-            buffer = buffers.take()
-            try:
-                received = os.readv(source_fd, (buffer,))
-                if received:
-                    _write_all(sink_fd, memoryview(buffer)[:received], writable, hub, flow.sink_name)
-            except BlockingIOError:
-                received = None
-            except OSError as exc:
-                raise PeerError(flow.source_name, exc) from None
-            finally:
-                buffers.give(buffer)
-            if received is None:
-                hub.wait(readable)
-            elif received:
-                flow.bytes += received
-                flow.last_active = time.monotonic()
-            else:
-                break
+        try:
+            _splice_loop(flow, readable, writable, hub, pipes)
+        except SpliceRefused:
+            _copy_loop(flow, readable, writable, hub, buffers)
         try:
             flow.sink.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -105,6 +140,74 @@ def pipe(flow: Flow, buffers: BufferPool = BUFFERS) -> None:
     finally:
         readable.close()
         writable.close()
+
+
+def _splice_loop(flow: Flow, readable, writable, hub, pipes: PipePool) -> None:
+    """Fill a kernel pipe from the source, drain it into the sink, until EOF."""
+    source_fd, sink_fd = flow.source.fileno(), flow.sink.fileno()
+    kernel_pipe: KernelPipe | None = None
+    pending = 0
+    try:
+        while True:
+            if kernel_pipe is None:
+                kernel_pipe = pipes.take()
+            try:
+                moved = os.splice(source_fd, kernel_pipe.write_fd, kernel_pipe.capacity, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                moved = None
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and flow.bytes == 0:
+                    raise SpliceRefused from None
+                raise PeerError(flow.source_name, exc) from None
+            pending = moved or 0
+            while pending:
+                try:
+                    sent = os.splice(kernel_pipe.read_fd, sink_fd, pending, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    hub.wait(writable)
+                    continue
+                except OSError as exc:
+                    raise PeerError(flow.sink_name, exc) from None
+                pending -= sent
+                flow.bytes += sent
+            if moved == 0:
+                return
+            if moved is None:
+                pipes.give(kernel_pipe)  # empty: idle connections hold no pipe
+                kernel_pipe = None
+                hub.wait(readable)
+            else:
+                flow.last_active = time.monotonic()
+    finally:
+        if kernel_pipe is not None:
+            if pending:  # bytes left behind by a failure: this pipe cannot be reused
+                kernel_pipe.close()
+            else:
+                pipes.give(kernel_pipe)
+
+
+def _copy_loop(flow: Flow, readable, writable, hub, buffers: BufferPool) -> None:
+    """Copy through a user-space buffer until EOF."""
+    source_fd, sink_fd = flow.source.fileno(), flow.sink.fileno()
+    while True:
+        buffer = buffers.take()
+        try:
+            received = os.readv(source_fd, (buffer,))
+            if received:
+                _write_all(sink_fd, memoryview(buffer)[:received], writable, hub, flow.sink_name)
+        except BlockingIOError:
+            received = None
+        except OSError as exc:
+            raise PeerError(flow.source_name, exc) from None
+        finally:
+            buffers.give(buffer)
+        if received is None:
+            hub.wait(readable)
+        elif received:
+            flow.bytes += received
+            flow.last_active = time.monotonic()
+        else:
+            return
 
 
 def _write_all(fd: int, data: memoryview, writable, hub, side: str) -> None:

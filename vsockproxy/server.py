@@ -212,7 +212,10 @@ def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
     """Try each allowed address in turn; the first that accepts wins."""
     failures = []
     for endpoint in route.target.endpoints(route.resolver):
-        upstream = gevent.socket.socket(endpoint.family, socket.SOCK_STREAM)
+        try:
+            upstream = gevent.socket.socket(endpoint.family, socket.SOCK_STREAM)
+        except OSError as exc:  # out of fds or memory: this connection fails, the server does not
+            raise ConnectError(f"cannot open a socket: {exc.strerror}") from None
         try:
             upstream.settimeout(route.connect_timeout)
             upstream.connect(endpoint.sockaddr)
