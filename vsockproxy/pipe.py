@@ -6,6 +6,11 @@ through a user-space buffer takes over.  Both run on raw non-blocking file
 descriptors driven by the gevent hub's own io watchers (what gevent's sockets
 do inside), so one loop serves vsock, TCP and Unix sockets alike.
 
+A read that fails with ENOTCONN is an end of stream: vsock reports it instead
+of EOF once the peer has closed and we have shut down our own write side (its
+shutdown clears SOCK_DONE), and a stream socket that is no longer connected
+has nothing left to read.
+
 Kernel pipes and buffers come from shared free lists and are held only while
 a chunk is in flight: an idle connection holds neither, and a slow reader
 holds exactly one, which is the backpressure bound.
@@ -100,7 +105,7 @@ PIPES = PipePool()
 
 
 class SpliceRefused(Exception):
-    """The kernel cannot splice from this socket; copy instead."""
+    """Splicing is impossible here (the socket does not support it, or no pipe can be had); copy instead."""
 
 
 class Flow:
@@ -150,7 +155,10 @@ def _splice_loop(flow: Flow, readable, writable, hub, pipes: PipePool) -> None:
     try:
         while True:
             if kernel_pipe is None:
-                kernel_pipe = pipes.take()
+                try:
+                    kernel_pipe = pipes.take()
+                except OSError:  # out of fds: nothing is pending, so copying can carry on
+                    raise SpliceRefused from None
             try:
                 moved = os.splice(source_fd, kernel_pipe.write_fd, kernel_pipe.capacity, flags=SPLICE_FLAGS)
             except BlockingIOError:
@@ -158,7 +166,9 @@ def _splice_loop(flow: Flow, readable, writable, hub, pipes: PipePool) -> None:
             except OSError as exc:
                 if exc.errno == errno.EINVAL and flow.bytes == 0:
                     raise SpliceRefused from None
-                raise PeerError(flow.source_name, exc) from None
+                if exc.errno != errno.ENOTCONN:
+                    raise PeerError(flow.source_name, exc) from None
+                moved = 0  # see the module docstring
             pending = moved or 0
             while pending:
                 try:
@@ -198,7 +208,9 @@ def _copy_loop(flow: Flow, readable, writable, hub, buffers: BufferPool) -> None
         except BlockingIOError:
             received = None
         except OSError as exc:
-            raise PeerError(flow.source_name, exc) from None
+            if exc.errno != errno.ENOTCONN:
+                raise PeerError(flow.source_name, exc) from None
+            received = 0  # see the module docstring
         finally:
             buffers.give(buffer)
         if received is None:

@@ -110,6 +110,10 @@ class VsockProxyServer(StreamServer):
         if listener is None:
             listener = vsock_listener(cid, port, backlog)
         super().__init__(listener, spawn=Pool(num_workers))
+        # One accept() per loop pass, so each new connection's handler opens its target socket
+        # before the next accept takes another fd: at the fd limit, accepting a hundred at once
+        # would leave none of them a descriptor for its target.
+        self.max_accept = 1
         self.route = route
         self.metrics = metrics if metrics is not None else Metrics().service(str(port))
         self._retired_pools: list[Pool] = []

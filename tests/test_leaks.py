@@ -1,0 +1,121 @@
+"""Load and leaks: 10,000 sequential and 1,000 concurrent connections through the real
+``vsock-proxy`` command (on its TCP stand-in listener, in a subprocess), after which its open fds
+are back to their baseline and its RSS is within 5% of it.
+
+The baseline is taken after a warm-up that runs both kinds of load once, so that what the first
+run of each allocates for good (imported code, greenlet and buffer free lists, allocator arenas)
+is not mistaken for a leak.  Nothing here connects an AF_VSOCK socket.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+
+import pytest
+
+from tests.conftest import recv_exactly
+from tests.test_faults import problems_in, raise_own_nofile
+from tests.test_faults import stand_in, thread_target  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.timeout(180)
+
+SEQUENTIAL = 10_000
+CONCURRENT = 1_000
+MESSAGE = 100
+FD_SLACK = 2
+RSS_TOLERANCE = 0.05
+CLOSED = re.compile(r" INFO closed enclave=\S+ target=\S+ up=(\d+) down=(\d+) duration=\S+ end=(\S+)$")
+
+
+def one_echo(address, payload: bytes) -> None:
+    with socket.create_connection(address, timeout=30) as client:
+        client.sendall(payload)
+        assert recv_exactly(client, len(payload)) == payload
+
+
+def sequential(proxy, count: int) -> None:
+    payload = b"E" + os.urandom(MESSAGE - 1)
+    for _ in range(count):
+        one_echo(proxy.address, payload)
+
+
+def concurrent(proxy, count: int, baseline_fds: int | None = None) -> None:
+    """Open ``count`` connections, echo on each while all are open, then close them all."""
+    clients = []
+    try:
+        payloads = []
+        for _ in range(count):
+            client = socket.create_connection(proxy.address, timeout=30)
+            clients.append(client)
+            payload = b"E" + os.urandom(MESSAGE - 1)
+            payloads.append(payload)
+            client.sendall(payload)
+        for client, payload in zip(clients, payloads):
+            assert recv_exactly(client, len(payload)) == payload
+        if baseline_fds is not None:  # all of them really were open at once in the proxy
+            assert len(proxy.fds()) == baseline_fds + 2 * count
+    finally:
+        for client in clients:
+            client.close()
+
+
+def closed_lines(proxy) -> list[re.Match]:
+    return [match for match in map(CLOSED.search, proxy.drain()) if match]
+
+
+def wait_closed_lines(proxy, count: int, timeout: float = 60) -> list[re.Match]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = closed_lines(proxy)
+        if len(lines) >= count:
+            return lines
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(lines)} of {count} connections logged as closed after {timeout}s")
+        time.sleep(0.1)
+
+
+def test_10000_sequential_and_1000_concurrent_connections_leave_no_fds_or_memory_behind(stand_in,  # noqa: F811
+                                                                                          thread_target):  # noqa: F811
+    raise_own_nofile(4 * CONCURRENT + 1024)  # clients and target sockets here; the proxy inherits it
+    target = thread_target()
+    proxy = stand_in(target.port, "-w", str(CONCURRENT + 100))
+    done = 0
+
+    started = time.monotonic()
+    sequential(proxy, 1_000)  # warm-up
+    concurrent(proxy, CONCURRENT)
+    done += 1_000 + CONCURRENT
+    wait_closed_lines(proxy, done)
+    baseline_fds = len(proxy.settled_fds())
+    baseline_rss = proxy.rss_kib()
+    figures = [f"after warm-up: {baseline_fds} fds, {baseline_rss} KiB RSS"]
+
+    def check(phase: str) -> None:
+        wait_closed_lines(proxy, done)
+        fds = len(proxy.settled_fds())
+        rss = proxy.rss_kib()
+        figures.append(f"after {phase}: {fds} fds, {rss} KiB RSS ({(rss - baseline_rss) / baseline_rss:+.1%})")
+        assert abs(fds - baseline_fds) <= FD_SLACK, figures
+        assert abs(rss - baseline_rss) <= RSS_TOLERANCE * baseline_rss, figures
+
+    phase_started = time.monotonic()
+    sequential(proxy, SEQUENTIAL)
+    done += SEQUENTIAL
+    check(f"{SEQUENTIAL} sequential ({time.monotonic() - phase_started:.1f} s)")
+
+    phase_started = time.monotonic()
+    concurrent(proxy, CONCURRENT, baseline_fds)
+    done += CONCURRENT
+    check(f"{CONCURRENT} concurrent ({time.monotonic() - phase_started:.1f} s)")
+    print("\n" + "\n".join(figures) + f"\ntotal {time.monotonic() - started:.1f} s")
+
+    lines = closed_lines(proxy)
+    assert len(lines) == done
+    assert all(match.groups() == (str(MESSAGE), str(MESSAGE), "eof") for match in lines)
+    assert proxy.stop() == 0
+    assert problems_in(proxy.lines) == [], [line for line in proxy.lines if "WARNING" in line][:5]
+    assert not [line for line in proxy.lines if " WARNING " in line], proxy.lines[-5:]
+    assert target.errors == []
