@@ -376,6 +376,16 @@ def make_proxy():
         os.rmdir(directory)
 
 
+def echo(sock) -> None:
+    """A target handler: send back everything until EOF, then half-close."""
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
 def recv_all(sock, limit: int = 1 << 30) -> bytes:
     """Read until EOF."""
     chunks = []

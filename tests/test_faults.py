@@ -34,7 +34,7 @@ import gevent
 import pytest
 from gevent.server import StreamServer
 
-from tests.conftest import FakeDNS, LoggedProcess, cli_env, recv_all, recv_exactly, wait_until
+from tests.conftest import FakeDNS, LoggedProcess, cli_env, echo, recv_all, recv_exactly, wait_until
 import vsockproxy.pipe
 from vsockproxy.pipe import CHUNK_BYTES
 from vsockproxy.resolver import Resolver
@@ -248,15 +248,6 @@ def the_one_line(caplog, proxy, peer: str, timeout: float = 10) -> logging.LogRe
     records = lines_for(caplog, peer)
     assert len(records) == 1, [r.getMessage() for r in records]
     return records[0]
-
-
-def echo(sock) -> None:
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            break
-        sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
 
 
 def assert_next_connection_works(proxy, caplog, size: int = 256 * 1024) -> None:

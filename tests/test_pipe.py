@@ -13,7 +13,7 @@ import gevent.socket
 import pytest
 
 from tests.conftest import recv_all, wait_until
-from vsockproxy.pipe import BufferPool, Flow, PeerError, pipe
+from vsockproxy.pipe import Flow, FreeList, KernelPipe, PeerError, pipe
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -232,14 +232,26 @@ def test_two_directions_at_once(sockets):
     assert up.get(timeout=5) is None and down.get(timeout=5) is None
 
 
-def test_buffer_pool_reuses_and_bounds_its_free_list():
-    pool = BufferPool(size=16, keep=2)
+def test_free_list_reuses_and_bounds_its_spares():
+    pool = FreeList(lambda: bytearray(16), keep=2)
     a, b, c = pool.take(), pool.take(), pool.take()
     assert len(a) == 16 and a is not b
     for buffer in (a, b, c):
         pool.give(buffer)
     assert len(pool._free) == 2
     assert pool.take() in (a, b)
+
+
+def test_free_list_closes_the_kernel_pipes_it_does_not_keep():
+    pool = FreeList(KernelPipe, keep=1, discard=KernelPipe.close)
+    kept, extra = pool.take(), pool.take()
+    assert kept.capacity >= 4096
+    pool.give(kept)
+    pool.give(extra)
+    with pytest.raises(OSError):
+        os.fstat(extra.read_fd)
+    assert pool.take() is kept
+    kept.close()
 
 
 def test_wait_until_helper_fails_loudly():

@@ -23,12 +23,14 @@ import fcntl
 import os
 import socket
 import time
+from typing import Callable, Generic, TypeVar
 
 from gevent.hub import get_hub
 
 CHUNK_BYTES = 256 * 1024
 PIPE_BYTES = 1024 * 1024
 READ, WRITE = 1, 2
+T = TypeVar("T")
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -46,23 +48,28 @@ class PeerError(Exception):
         return f"{self.side} {self.error.strerror or self.error}"
 
 
-class BufferPool:
-    """Reusable chunk buffers shared by every pipe in the process."""
+class FreeList(Generic[T]):
+    """Spare buffers or pipes shared by every connection in the process.
 
-    def __init__(self, size: int = CHUNK_BYTES, keep: int = 64) -> None:
-        self.size = size
+    An item is taken only while a chunk is in flight and given back (empty)
+    as soon as it is not, so idle connections hold none; at most ``keep``
+    spares are kept, the rest are discarded.
+    """
+
+    def __init__(self, make: Callable[[], T], keep: int, discard: Callable[[T], None] | None = None) -> None:
+        self._make = make
+        self._discard = discard
         self.keep = keep
-        self._free: list[bytearray] = []
+        self._free: list[T] = []
 
-    def take(self) -> bytearray:
-        return self._free.pop() if self._free else bytearray(self.size)
+    def take(self) -> T:
+        return self._free.pop() if self._free else self._make()
 
-    def give(self, buffer: bytearray) -> None:
+    def give(self, item: T) -> None:
         if len(self._free) < self.keep:
-            self._free.append(buffer)
-
-
-BUFFERS = BufferPool()
+            self._free.append(item)
+        elif self._discard is not None:
+            self._discard(item)
 
 
 class KernelPipe:
@@ -70,7 +77,7 @@ class KernelPipe:
 
     __slots__ = ("read_fd", "write_fd", "capacity")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int = PIPE_BYTES) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self.capacity = fcntl.fcntl(self.write_fd, F_SETPIPE_SZ, size)
@@ -82,26 +89,8 @@ class KernelPipe:
         os.close(self.write_fd)
 
 
-class PipePool:
-    """Empty kernel pipes shared by every connection, so an idle one holds no pipe fds."""
-
-    def __init__(self, size: int = PIPE_BYTES, keep: int = 16) -> None:
-        self.size = size
-        self.keep = keep
-        self._free: list[KernelPipe] = []
-
-    def take(self) -> KernelPipe:
-        return self._free.pop() if self._free else KernelPipe(self.size)
-
-    def give(self, kernel_pipe: KernelPipe) -> None:
-        """Take back an *empty* pipe."""
-        if len(self._free) < self.keep:
-            self._free.append(kernel_pipe)
-        else:
-            kernel_pipe.close()
-
-
-PIPES = PipePool()
+BUFFERS: FreeList[bytearray] = FreeList(lambda: bytearray(CHUNK_BYTES), keep=64)
+PIPES: FreeList[KernelPipe] = FreeList(KernelPipe, keep=16, discard=KernelPipe.close)
 
 
 class SpliceRefused(Exception):
@@ -122,7 +111,7 @@ class Flow:
         self.last_active = time.monotonic()
 
 
-def pipe(flow: Flow, buffers: BufferPool = BUFFERS, pipes: PipePool = PIPES) -> None:
+def pipe(flow: Flow, buffers: FreeList[bytearray] = BUFFERS, pipes: FreeList[KernelPipe] = PIPES) -> None:
     """Move ``flow.source`` to ``flow.sink`` until EOF, then shut down the sink's write side.
 
     Returns normally on EOF; raises PeerError naming the side that failed.
@@ -147,7 +136,7 @@ def pipe(flow: Flow, buffers: BufferPool = BUFFERS, pipes: PipePool = PIPES) -> 
         writable.close()
 
 
-def _splice_loop(flow: Flow, readable, writable, hub, pipes: PipePool) -> None:
+def _splice_loop(flow: Flow, readable, writable, hub, pipes: FreeList[KernelPipe]) -> None:
     """Fill a kernel pipe from the source, drain it into the sink, until EOF."""
     source_fd, sink_fd = flow.source.fileno(), flow.sink.fileno()
     kernel_pipe: KernelPipe | None = None
@@ -196,7 +185,7 @@ def _splice_loop(flow: Flow, readable, writable, hub, pipes: PipePool) -> None:
                 pipes.give(kernel_pipe)
 
 
-def _copy_loop(flow: Flow, readable, writable, hub, buffers: BufferPool) -> None:
+def _copy_loop(flow: Flow, readable, writable, hub, buffers: FreeList[bytearray]) -> None:
     """Copy through a user-space buffer until EOF."""
     source_fd, sink_fd = flow.source.fileno(), flow.sink.fileno()
     while True:

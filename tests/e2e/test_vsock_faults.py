@@ -22,25 +22,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import cli_env
+from tests.conftest import cli_env, echo
 from tests.e2e.conftest import (IO_TIMEOUT, ProxyProcess, ThreadedTarget, free_vsock_port, recv_all, recv_exactly,
                                 vsock_connect, vsock_proxy_command)
-from tests.test_faults import (CHUNK_BYTES, IN_FLIGHT_BYTES, ThreadTarget, closed_how, problems_in,
+from tests.test_faults import (_sysctl_int, wait_stalled, CHUNK_BYTES, IN_FLIGHT_BYTES, ThreadTarget, closed_how, problems_in,
                                socket_fd_count, wait_socket_fds)
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
 
 MIB = 1 << 20
 SETTLE = 1.0  # after a connection's line: time for a second line to show up, if there were one
-
-
-def echo(sock: socket.socket) -> None:
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            break
-        sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
 
 
 def reset_mid_stream(sock: socket.socket) -> None:
@@ -276,24 +267,6 @@ def _upload_rate(port: int, size: int) -> float:
     return size / elapsed / 1e6
 
 
-def _stalled(counters: list[int], indexes, quiet: float = 3.0, timeout: float = IO_TIMEOUT) -> list[int]:
-    deadline = time.monotonic() + timeout
-    last, since = [counters[i] for i in indexes], time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = [counters[i] for i in indexes]
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return now
-    raise AssertionError(f"the target kept pushing for {timeout}s: {last}")
-
-
-def _sysctl(path: str, index: int) -> int:
-    with open(path) as file:
-        return int(file.read().split()[index])
-
-
 def test_enclave_never_reads_memory_stays_bounded_and_others_keep_going(rig):
     target: ThreadTarget = rig.targets["slow"]
     port = rig.ports["slow"]
@@ -314,11 +287,11 @@ def test_enclave_never_reads_memory_stays_bounded_and_others_keep_going(rig):
         deadline = time.monotonic() + IO_TIMEOUT
         while len(target.pushed) < first + 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        pushed = _stalled(target.pushed, range(first, first + 2))
+        pushed = wait_stalled(target.pushed, range(first, first + 2), quiet=3.0, timeout=IO_TIMEOUT)
         rss_stalled = _rss_kib(pid)
         # What the target got rid of sits in its send buffer, the proxy's TCP receive buffer, the
         # enclave's vsock buffer, or the proxy's one chunk (or kernel pipe) in flight.
-        bound = (_sysctl("/proc/sys/net/ipv4/tcp_wmem", 2) + _sysctl("/proc/sys/net/ipv4/tcp_rmem", 2)
+        bound = (_sysctl_int("/proc/sys/net/ipv4/tcp_wmem", 2) + _sysctl_int("/proc/sys/net/ipv4/tcp_rmem", 2)
                  + vsock_buffer + IN_FLIGHT_BYTES)
         assert all(0 < count <= bound for count in pushed), (pushed, bound)
         assert rss_stalled - rss_before <= (2 * CHUNK_BYTES + 8 * MIB) // 1024, (rss_before, rss_stalled)

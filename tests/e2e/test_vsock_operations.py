@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from tests.e2e.conftest import IO_TIMEOUT, free_vsock_port, recv_exactly, vsock_connect
-from tests.e2e.test_vsock_proxy import echo
+from tests.conftest import echo
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests.conftest import echo
 from tests.e2e.conftest import (IO_TIMEOUT, free_vsock_port, recv_all, recv_exactly, sha256_of_stream,
                                 vsock_connect)
 
@@ -29,15 +30,6 @@ def client2server(sock: socket.socket) -> None:
     """Upstream's connection test target: expects 'client2server', answers 'server2client'."""
     assert recv_exactly(sock, len(b"client2server")) == b"client2server"
     sock.sendall(b"server2client")
-
-
-def echo(sock: socket.socket) -> None:
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            break
-        sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
 
 
 def test_upstream_client2server_exchange(proxy, target):
