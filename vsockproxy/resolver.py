@@ -59,13 +59,15 @@ class Resolver:
 
     def resolve(self, host: str, port: int) -> list[Endpoint]:
         """Endpoints for ``host``, in the order the system prefers; raises ResolveError."""
-        literal = parse_ip(host)
-        if literal is not None:
-            return [self._literal_endpoint(literal, port)]
         key = (host, port)
         cached = self._cache.get(key)
         if cached is not None and cached[0] > self._clock():
             return cached[1]
+        literal = parse_ip(host)
+        if literal is not None:  # an address never expires; keeping it spares the parsing
+            endpoints = [self._literal_endpoint(literal, port)]
+            self._cache[key] = (float("inf"), endpoints)
+            return endpoints
         pending = self._pending.get(key)
         if pending is not None:
             return pending.get()
