@@ -214,6 +214,20 @@ def write_config(tmp_path):
 
 # --------------------------------------------------------------------------- fake DNS
 
+def addrinfo(addresses: Iterable[str], port: int, family: int) -> list[tuple]:
+    """What getaddrinfo returns for ``addresses`` (TCP), filtered by family like the real one."""
+    result = []
+    for address in addresses:
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        if family not in (socket.AF_UNSPEC, fam):
+            continue
+        sockaddr = (address, port, 0, 0) if fam == socket.AF_INET6 else (address, port)
+        result.append((fam, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr))
+    if not result:
+        raise socket.gaierror(socket.EAI_NODATA, "No address associated with hostname")
+    return result
+
+
 class FakeDNS:
     """A ``getaddrinfo`` stand-in: a dict of name -> addresses, a call log, optional delay and failures."""
 
@@ -232,16 +246,7 @@ class FakeDNS:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         if host not in self.records:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        result = []
-        for address in self.records[host]:
-            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-            if family not in (socket.AF_UNSPEC, fam):
-                continue
-            sockaddr = (address, port, 0, 0) if fam == socket.AF_INET6 else (address, port)
-            result.append((fam, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr))
-        if not result:
-            raise socket.gaierror(socket.EAI_NODATA, "No address associated with hostname")
-        return result
+        return addrinfo(self.records[host], port, family)
 
     def count(self, host: str) -> int:
         return sum(1 for call in self.calls if call[0] == host)
@@ -293,19 +298,23 @@ class TcpTarget:
         self.server.stop(timeout=1)
 
 
-@pytest.fixture
-def tcp_target():
-    """Start TcpTargets; all are stopped at teardown."""
-    targets: list[TcpTarget] = []
+def tracked(make: Callable, stop: Callable):
+    """Body of a factory fixture: hands out ``make(...)`` and calls ``stop`` on each at teardown."""
+    made = []
 
-    def start(handler: Callable, port: int = 0, host: str = "127.0.0.1") -> TcpTarget:
-        target = TcpTarget(handler, port, host)
-        targets.append(target)
-        return target
+    def start(*args, **kwargs):
+        made.append(make(*args, **kwargs))
+        return made[-1]
 
     yield start
-    for target in targets:
-        target.stop()
+    for thing in made:
+        stop(thing)
+
+
+@pytest.fixture
+def tcp_target():
+    """Start TcpTargets: ``tcp_target(handler, port=0, host="127.0.0.1")``; all stop at teardown."""
+    yield from tracked(TcpTarget, TcpTarget.stop)
 
 
 def unused_tcp_port(host: str = "127.0.0.1") -> int:

@@ -24,19 +24,14 @@ import ipaddress
 import os
 import signal
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import vsockproxy.cli as cli  # noqa: E402
-import vsockproxy.supervisor as supervisor_module  # noqa: E402
-from vsockproxy.allowlist import ConfigError, NotAllowed, parse_config, parse_yaml  # noqa: E402
-from vsockproxy.resolver import ResolveError, Resolver  # noqa: E402
+import vsockproxy.cli as cli
+import vsockproxy.supervisor as supervisor_module
+from tests.conftest import addrinfo
+from vsockproxy.allowlist import ConfigError, NotAllowed, parse_config, parse_yaml
+from vsockproxy.resolver import ResolveError, Resolver
 
 KMS = "kms.us-east-1.amazonaws.com"
 KMS_IP = "10.1.2.3"
@@ -63,16 +58,7 @@ class GlibcLikeDNS:
                 addresses = None
         if addresses is None:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        result = []
-        for address in addresses:
-            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-            if family not in (socket.AF_UNSPEC, fam):
-                continue
-            sockaddr = (address, port, 0, 0) if fam == socket.AF_INET6 else (address, port)
-            result.append((fam, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr))
-        if not result:
-            raise socket.gaierror(socket.EAI_NODATA, "No address associated with hostname")
-        return result
+        return addrinfo(addresses, port, family)
 
 
 class FakeClock:

@@ -34,7 +34,7 @@ import gevent
 import pytest
 from gevent.server import StreamServer
 
-from tests.conftest import FakeDNS, LoggedProcess, cli_env, echo, recv_all, recv_exactly, wait_until
+from tests.conftest import FakeDNS, LoggedProcess, cli_env, echo, recv_all, recv_exactly, tracked, wait_until
 import vsockproxy.pipe
 from vsockproxy.pipe import CHUNK_BYTES
 from vsockproxy.resolver import Resolver
@@ -288,16 +288,7 @@ class HeldPort:
 
 @pytest.fixture
 def held_port():
-    held: list[HeldPort] = []
-
-    def make() -> HeldPort:
-        port = HeldPort()
-        held.append(port)
-        return port
-
-    yield make
-    for port in held:
-        port.close()
+    yield from tracked(HeldPort, HeldPort.close)
 
 
 def rst_close(sock) -> None:
@@ -600,16 +591,7 @@ class ThreadTarget:
 
 @pytest.fixture
 def thread_target():
-    started: list[ThreadTarget] = []
-
-    def start() -> ThreadTarget:
-        target = ThreadTarget()
-        started.append(target)
-        return target
-
-    yield start
-    for target in started:
-        target.stop()
+    yield from tracked(ThreadTarget, ThreadTarget.stop)
 
 
 def blocking_echo(proxy: StandInProxy, payload: bytes = b"next connection works") -> bytes:

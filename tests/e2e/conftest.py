@@ -19,13 +19,12 @@ import shutil
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from tests.conftest import LoggedProcess, cli_env
+from tests.conftest import LoggedProcess, cli_env, tracked
 
 IN_VM = os.environ.get("VSOCKPROXY_IN_VM") == "1"
 VMADDR_CID_LOCAL = 1
@@ -154,17 +153,8 @@ class ThreadedTarget:
 
 @pytest.fixture
 def target():
-    """Start ThreadedTargets; each is stopped at teardown."""
-    started: list[ThreadedTarget] = []
-
-    def start(handler: Callable, host: str = "127.0.0.1", port: int = 0) -> ThreadedTarget:
-        server = ThreadedTarget(handler, host, port)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    """Start ThreadedTargets: ``target(handler, host="127.0.0.1", port=0)``; each stops at teardown."""
+    yield from tracked(ThreadedTarget, ThreadedTarget.stop)
 
 
 def vsock_proxy_command() -> list[str]:

@@ -87,7 +87,7 @@ def test_reload_adds_and_removes_services_while_a_transfer_continues(proxy, targ
         for thread in threads:
             thread.join(timeout=240)
     assert outcome["digest"] == hashlib.sha256(payload).digest()
-    assert f"up={size} down={size}" in process.wait_for(f"closed enclave=", timeout=IO_TIMEOUT, count=3)
+    assert f"up={size} down={size}" in process.wait_for("closed enclave=", timeout=IO_TIMEOUT, count=3)
 
 
 def test_bad_reload_keeps_everything_working(proxy, target):
