@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass, replace
@@ -114,7 +115,12 @@ class Supervisor:
         plans = self.plan()
         servers = self._bind_all(plans.values())
         if self.settings.metrics_address:
-            self._start_metrics(self.settings.metrics_address)
+            try:
+                self._start_metrics(self.settings.metrics_address)
+            except StartupError:
+                for server in servers.values():
+                    server.close()
+                raise
         self._plans, self.servers = plans, servers
         for port, server in servers.items():
             server.start()
@@ -140,9 +146,8 @@ class Supervisor:
             self._metrics_server = WSGIServer((host, port), self.metrics.wsgi_app(), log=None, error_log=log)
             self._metrics_server.start()
         except OSError as exc:
-            for server in self.servers.values():
-                server.close()
-            raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise StartupError(f"cannot serve metrics on {address}: {reason}") from None
         log.info("metrics on http://%s/metrics", address)
 
     def reload(self) -> bool:
