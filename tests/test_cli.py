@@ -6,6 +6,7 @@ that exits before it would listen; the real listener is tested in test_vsock_lis
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 
@@ -303,3 +304,19 @@ def test_parse_errors_are_system_exit_2_with_one_line(capsys):
     assert excinfo.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "num_workers" in err and "Traceback" not in err
+
+
+def test_metrics_address_in_use_is_one_line_and_frees_the_vsock_port(run_cli, write_config):
+    config = write_config([("127.0.0.1", 9000)])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        metrics = f"127.0.0.1:{busy.getsockname()[1]}"
+        port = random.randint(20000, 60000)
+        result = run_cli(str(port), "127.0.0.1", "9000", "--config", config, "--metrics-address", metrics)
+    assert_one_line_error(result, 1, "cannot serve metrics on", "Address already in use")
+    probe = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        probe.bind((socket.VMADDR_CID_ANY, port))  # bind only: the listener was closed again
+    finally:
+        probe.close()
