@@ -194,7 +194,7 @@ class VsockProxyServer(StreamServer):
             metrics.closed("connect")
             return
         except BaseException as exc:
-            metrics.closed("shutdown" if isinstance(exc, gevent.GreenletExit) else "internal")
+            metrics.closed("shutdown" if isinstance(exc, gevent.GreenletExit) else "internal-error")
             if not isinstance(exc, Exception):
                 raise
             # A bug must cost one connection, never the server.
