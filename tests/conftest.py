@@ -149,17 +149,23 @@ class LoggedProcess:
                 matches.append(line)
         return matches[count - 1]
 
-    def finish(self, timeout: float = 10) -> int:
-        """Wait for exit, then collect the rest of stderr."""
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
+    def drain(self) -> list[str]:
+        """Every stderr line so far (collects what the reader thread has queued)."""
         while True:
             try:
                 line = self._queue.get_nowait()
             except queue.Empty:
-                break
-            if line is not None:
-                self.lines.append(line)
+                return self.lines
+            if line is None:
+                self._queue.put(None)
+                return self.lines
+            self.lines.append(line)
+
+    def finish(self, timeout: float = 10) -> int:
+        """Wait for exit, then collect the rest of stderr."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        self.drain()
         return code
 
     def signal(self, signum: int = signal.SIGTERM) -> None:

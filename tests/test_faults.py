@@ -19,7 +19,6 @@ import errno
 import hashlib
 import logging
 import os
-import queue
 import re
 import resource
 import signal
@@ -114,18 +113,6 @@ class StandInProxy(LoggedProcess):
 
     def set_nofile(self, limit: int) -> None:
         resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (limit, limit))
-
-    def drain(self) -> list[str]:
-        """Every stderr line so far (collects what the reader thread has queued)."""
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                return self.lines
-            if line is None:
-                self._queue.put(None)
-                return self.lines
-            self.lines.append(line)
 
     def wait_fds(self, predicate, timeout: float = 10, what: str = "fd count") -> list[int]:
         deadline = time.monotonic() + timeout

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import queue
 import resource
 import socket
 import struct
@@ -94,25 +93,12 @@ class Rig:
     held: socket.socket
 
 
-def drain(process: ProxyProcess) -> list[str]:
-    """Every stderr line so far."""
-    while True:
-        try:
-            line = process._queue.get_nowait()
-        except queue.Empty:
-            return process.lines
-        if line is None:
-            process._queue.put(None)
-            return process.lines
-        process.lines.append(line)
-
-
 def the_one_line(process: ProxyProcess, client_port: int) -> str:
     """The single log line about the enclave connection from vsock port ``client_port``."""
     needle = f":{client_port} target="
     line = process.wait_for(needle, timeout=IO_TIMEOUT)
     time.sleep(SETTLE)
-    mentions = [entry for entry in drain(process) if needle in entry]
+    mentions = [entry for entry in process.drain() if needle in entry]
     assert mentions == [line], mentions
     return line
 
@@ -361,9 +347,9 @@ def test_fd_limit_accept_errors_are_survived_and_logged_without_a_busy_loop(prox
             process.wait_for("accept failed: Too many open files", timeout=IO_TIMEOUT)
 
             time.sleep(2)  # past the first, quick retries of the back-off
-            count_before, cpu_before = len(drain(process)), _cpu_seconds(pid)
+            count_before, cpu_before = len(process.drain()), _cpu_seconds(pid)
             time.sleep(3)
-            cpu_used, new_lines = _cpu_seconds(pid) - cpu_before, drain(process)[count_before:]
+            cpu_used, new_lines = _cpu_seconds(pid) - cpu_before, process.drain()[count_before:]
             assert cpu_used < 0.75, f"{cpu_used:.2f} s of CPU in 3 s at the fd limit: a busy loop"
             assert 1 <= len(new_lines) <= 6, new_lines
             assert all("WARNING accept failed: Too many open files; retrying in" in line for line in new_lines)
