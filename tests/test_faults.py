@@ -730,20 +730,46 @@ def _stop_and_check(proxy: StandInProxy, sockets: int) -> str:
     return proxy.text()
 
 
+class AtTheFdLimit:
+    """A stand-in proxy with every fd in use: ``opened`` connections served, ``waiting`` ones
+    queued behind the limit, and accept() already failing. Closes the clients on exit, then
+    checks that the proxy serves again and stops with exit 0; ``text`` is its log."""
+
+    def __init__(self, stand_in, thread_target, served: int) -> None:
+        self.proxy = stand_in(thread_target().port, "-w", "100")
+        assert blocking_echo(self.proxy) == b"next connection works"
+        self.proxy.settled_fds()
+        self.sockets = self.proxy.socket_fds()
+        self.opened = _fill_to_the_fd_limit(self.proxy, served)
+        self.waiting: list[socket.socket] = []
+        self.text = ""
+
+    def __enter__(self) -> "AtTheFdLimit":
+        try:
+            self.waiting = _queue_behind_the_limit(self.proxy, 1)
+            self.proxy.wait_for("accept failed: Too many open files", timeout=10)
+        except BaseException:
+            self._close_clients()
+            raise
+        return self
+
+    def __exit__(self, kind, *_exc) -> None:
+        self._close_clients()
+        if kind is None:
+            self.text = _stop_and_check(self.proxy, self.sockets)
+            assert problems_in(self.proxy.lines) == [], self.text
+            assert "refused" not in self.text, self.text
+
+    def _close_clients(self) -> None:
+        for client in self.opened + self.waiting:
+            client.close()
+
+
 @pytest.mark.timeout(120)
 def test_fd_limit_accept_errors_are_survived_and_logged_without_a_busy_loop(stand_in, thread_target):
-    target = thread_target()
-    proxy = stand_in(target.port, "-w", "100")
-    assert blocking_echo(proxy) == b"next connection works"
-    proxy.settled_fds()
-    sockets = proxy.socket_fds()
     served = 5
-    opened = _fill_to_the_fd_limit(proxy, served)
-    waiting = []
-    try:
-        waiting = _queue_behind_the_limit(proxy, 1)
-        proxy.wait_for("accept failed: Too many open files", timeout=10)
-
+    with AtTheFdLimit(stand_in, thread_target, served) as limit:
+        proxy, opened = limit.proxy, limit.opened
         time.sleep(1.5)  # past the first, quick retries of the back-off
         cpu_before, lines_before = proxy.cpu_seconds(), len(proxy.drain())
         time.sleep(2)
@@ -756,14 +782,8 @@ def test_fd_limit_accept_errors_are_survived_and_logged_without_a_busy_loop(stan
         for client in opened:  # the open connections are unaffected
             client.sendall(b"still here")
             assert recv_exactly(client, 10) == b"still here"
-        assert _served_when_fds_come_back(opened, waiting) == ["served"]
-    finally:
-        for client in opened + waiting:
-            client.close()
-    text = _stop_and_check(proxy, sockets)
-    assert problems_in(proxy.lines) == [], text
-    assert "refused" not in text, text
-    assert text.count(" end=eof") == 1 + served + 1 + 1, text
+        assert _served_when_fds_come_back(opened, limit.waiting) == ["served"]
+    assert limit.text.count(" end=eof") == 1 + served + 1 + 1, limit.text
 
 
 def _echo_on_all_at_once(clients: list[socket.socket], size: int, read_after: float = 1.0) -> list[str]:
@@ -797,26 +817,11 @@ def _echo_on_all_at_once(clients: list[socket.socket], size: int, read_after: fl
 def test_fd_limit_open_connections_keep_moving_data_at_the_limit(stand_in, thread_target):
     """With every fd in use (and accept() failing), the connections already open still carry bulk
     data both ways at once: nothing the proxy needs per transfer may cost them their connection."""
-    target = thread_target()
-    proxy = stand_in(target.port, "-w", "100")
-    assert blocking_echo(proxy) == b"next connection works"
-    proxy.settled_fds()
-    sockets = proxy.socket_fds()
     served = 5
-    opened = _fill_to_the_fd_limit(proxy, served)
-    waiting = []
-    try:
-        waiting = _queue_behind_the_limit(proxy, 1)
-        proxy.wait_for("accept failed: Too many open files", timeout=10)
-        fates = _echo_on_all_at_once(opened, 4 * MIB)
-        assert fates == ["intact"] * served, (fates, proxy.drain())
-        assert _served_when_fds_come_back(opened, waiting) == ["served"]
-    finally:
-        for client in opened + waiting:
-            client.close()
-    text = _stop_and_check(proxy, sockets)
-    assert problems_in(proxy.lines) == [], text
-    assert "refused" not in text, text
+    with AtTheFdLimit(stand_in, thread_target, served) as limit:
+        fates = _echo_on_all_at_once(limit.opened, 4 * MIB)
+        assert fates == ["intact"] * served, (fates, limit.proxy.drain())
+        assert _served_when_fds_come_back(limit.opened, limit.waiting) == ["served"]
 
 
 @pytest.mark.timeout(120)
