@@ -50,17 +50,24 @@ def vsock_listener(cid: int, port: int, backlog: int) -> socket.socket:
     except OSError as exc:
         raise ListenError(f"cannot create a vsock socket: {exc.strerror} "
                           "(does this kernel have the vsock module loaded?)") from None
+    return start_listening(listener, (cid, port), backlog, where,
+                           {errno.EADDRNOTAVAIL: f"CID {cid} is not this machine's"})
+
+
+def start_listening(listener: socket.socket, address: tuple, backlog: int, where: str,
+                    reasons: dict[int, str] | None = None) -> socket.socket:
+    """Bind, listen and go non-blocking, or close ``listener`` and raise a one-line ListenError.
+
+    ``reasons`` words particular errnos for this kind of address.
+    """
     try:
-        listener.bind((cid, port))
+        listener.bind(address)
         listener.listen(backlog)
         listener.setblocking(False)
     except OSError as exc:
         listener.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ListenError(f"cannot listen on {where}: it is already in use") from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ListenError(f"cannot listen on {where}: CID {cid} is not this machine's") from None
-        raise ListenError(f"cannot listen on {where}: {exc.strerror}") from None
+        reason = {errno.EADDRINUSE: "it is already in use", **(reasons or {})}.get(exc.errno, exc.strerror)
+        raise ListenError(f"cannot listen on {where}: {reason}") from None
     return listener
 
 

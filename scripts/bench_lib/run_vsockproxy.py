@@ -15,7 +15,6 @@ proxy under test is the product's own code path from option parsing to SIGTERM.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import socket
@@ -45,21 +44,12 @@ def main(argv: list[str]) -> int:
         host = options.get("bind") or ("::1" if kind == "TCP6-LISTEN" else "127.0.0.1")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         original = server_module.vsock_listener
-        ListenError = server_module.ListenError
 
         def tcp_listener(cid: int, vsock_port: int, backlog: int) -> socket.socket:
             listener = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((host, vsock_port))
-                listener.listen(backlog)
-                listener.setblocking(False)
-            except OSError as exc:
-                listener.close()
-                if exc.errno == errno.EADDRINUSE:
-                    raise ListenError(f"cannot listen on tcp {host}:{vsock_port}: it is already in use") from None
-                raise ListenError(f"cannot listen on tcp {host}:{vsock_port}: {exc.strerror}") from None
-            return listener
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            return server_module.start_listening(listener, (host, vsock_port), backlog,
+                                                 f"tcp {host}:{vsock_port}")
 
         patched = 0
         for name, module in list(sys.modules.items()):
