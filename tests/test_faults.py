@@ -34,16 +34,12 @@ import pytest
 from gevent.server import StreamServer
 
 from tests.conftest import FakeDNS, LoggedProcess, cli_env, echo, recv_all, recv_exactly, tracked, wait_until
-import vsockproxy.pipe
 from vsockproxy.pipe import CHUNK_BYTES
 from vsockproxy.resolver import Resolver
 
 pytestmark = pytest.mark.timeout(90)
 
 MIB = 1 << 20
-#: The most one connection's direction holds inside the proxy while its sink is full: a user-space
-#: chunk (copy loop) or a kernel pipe (splice), whichever this version of the proxy uses more of.
-IN_FLIGHT_BYTES = max(CHUNK_BYTES, getattr(vsockproxy.pipe, "PIPE_BYTES", 0))
 
 
 # =========================================================================== the stand-in subprocess
@@ -94,8 +90,7 @@ class StandInProxy(LoggedProcess):
         return sorted(int(name) for name in os.listdir(f"/proc/{self.pid}/fd"))
 
     def socket_fds(self) -> int:
-        """How many of its fds are sockets: the listener plus two per open connection.
-        (The others, such as kernel pipes kept in a free list for splice(2), are not per connection.)"""
+        """How many of its fds are sockets: the listener plus two per open connection."""
         return socket_fd_count(self.pid)
 
     def rss_kib(self) -> int:
@@ -652,9 +647,9 @@ def test_enclave_never_reads_memory_stays_bounded_and_others_keep_full_speed(sta
 
         # What the target got rid of can only sit in kernel buffers (its send buffer, both of the
         # proxy's sockets at their autotuning maximum, the client's receive buffer) or in the
-        # proxy's one chunk (or kernel pipe) in flight.
+        # proxy's one chunk in flight.
         bound = (_sysctl_int("/proc/sys/net/ipv4/tcp_wmem", 2) * 2 + _sysctl_int("/proc/sys/net/ipv4/tcp_rmem", 2)
-                 + 64 * 1024 * 2 + IN_FLIGHT_BYTES)
+                 + 64 * 1024 * 2 + CHUNK_BYTES)
         assert all(0 < count <= bound for count in pushed), (pushed, bound)
         # The proxy holds at most one chunk per stalled connection, however long the stall lasts.
         assert rss_stalled - rss_before <= (slow_readers * CHUNK_BYTES + 8 * MIB) // 1024, \

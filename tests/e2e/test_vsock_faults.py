@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import cli_env, echo
 from tests.e2e.conftest import (IO_TIMEOUT, ProxyProcess, ThreadedTarget, free_vsock_port, recv_all, recv_exactly,
                                 vsock_connect, vsock_proxy_command)
-from tests.test_faults import (_sysctl_int, wait_stalled, CHUNK_BYTES, IN_FLIGHT_BYTES, ThreadTarget, closed_how, problems_in,
+from tests.test_faults import (_sysctl_int, wait_stalled, CHUNK_BYTES, ThreadTarget, closed_how, problems_in,
                                socket_fd_count, wait_socket_fds)
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
@@ -276,9 +276,9 @@ def test_enclave_never_reads_memory_stays_bounded_and_others_keep_going(rig):
         pushed = wait_stalled(target.pushed, range(first, first + 2), quiet=3.0, timeout=IO_TIMEOUT)
         rss_stalled = _rss_kib(pid)
         # What the target got rid of sits in its send buffer, the proxy's TCP receive buffer, the
-        # enclave's vsock buffer, or the proxy's one chunk (or kernel pipe) in flight.
+        # enclave's vsock buffer, or the proxy's one chunk in flight.
         bound = (_sysctl_int("/proc/sys/net/ipv4/tcp_wmem", 2) + _sysctl_int("/proc/sys/net/ipv4/tcp_rmem", 2)
-                 + vsock_buffer + IN_FLIGHT_BYTES)
+                 + vsock_buffer + CHUNK_BYTES)
         assert all(0 < count <= bound for count in pushed), (pushed, bound)
         assert rss_stalled - rss_before <= (2 * CHUNK_BYTES + 8 * MIB) // 1024, (rss_before, rss_stalled)
 
