@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -174,14 +175,26 @@ class VsockProxyServer(StreamServer):
         super().start_accepting()
 
     def do_read(self):
-        """Survive accept() running out of fds or memory: log once per try, let gevent back off."""
+        """Accept one connection as a plain non-blocking socket.
+
+        The pipes drive raw descriptors with their own io watchers, so gevent's
+        socket wrapper (and its two watchers) would be built only to be closed.
+        accept() running out of fds or memory is logged once per try, and
+        gevent's server backs off.
+        """
+        listener = self.socket
         try:
-            return super().do_read()
+            fd, address = listener._accept()
+        except BlockingIOError:
+            return None
         except OSError as exc:
             if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                 raise
             log.warning("accept failed: %s; retrying in %.2f s", exc.strerror, self.delay)
             raise AcceptDeferred(exc.strerror) from None
+        enclave = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
+        enclave.setblocking(False)
+        return enclave, address
 
     def handle(self, enclave: socket.socket, address: object) -> None:
         """Serve one enclave connection; gevent closes ``enclave`` when this returns."""
@@ -224,22 +237,37 @@ def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
     failures = []
     for endpoint in route.target.endpoints(route.resolver):
         try:
-            upstream = gevent.socket.socket(endpoint.family, socket.SOCK_STREAM)
+            upstream = socket.socket(endpoint.family, socket.SOCK_STREAM)
         except OSError as exc:  # out of fds or memory: this connection fails, the server does not
             raise ConnectError(f"cannot open a socket: {exc.strerror}") from None
         try:
-            upstream.settimeout(route.connect_timeout)
-            upstream.connect(endpoint.sockaddr)
-            upstream.settimeout(None)
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError as exc:
+            _connect_within(upstream, endpoint.sockaddr, route.connect_timeout)
+        except BaseException as exc:
             upstream.close()
+            if not isinstance(exc, OSError):
+                raise
             reason = "timed out" if isinstance(exc, socket.timeout) else exc.strerror or str(exc)
             failures.append(f"{endpoint}: {reason}")
             continue
         return upstream, endpoint
     raise ConnectError("; ".join(failures))
+
+
+def _connect_within(upstream: socket.socket, address: tuple, timeout: float) -> None:
+    """Connect a plain socket, left non-blocking for the pipes, parking the greenlet meanwhile.
+
+    gevent's socket wrapper would do the same wait, but builds two io watchers
+    per socket that the pipes, which make their own, never use.
+    """
+    upstream.setblocking(False)
+    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    error = upstream.connect_ex(address)
+    if error == errno.EINPROGRESS:
+        gevent.socket.wait_write(upstream.fileno(), timeout, socket.timeout("timed out"))
+        error = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 def relay(up: Flow, down: Flow, idle_timeout: float = 0.0) -> str:
