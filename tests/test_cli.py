@@ -6,9 +6,12 @@ that exits before it would listen; the real listener is tested in test_vsock_lis
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -320,3 +323,28 @@ def test_metrics_address_in_use_is_one_line_and_frees_the_vsock_port(run_cli, wr
         probe.bind((socket.VMADDR_CID_ANY, port))  # bind only: the listener was closed again
     finally:
         probe.close()
+
+
+# --------------------------------------------------------------------------- logging under systemd
+
+LOG_THREE_LEVELS = ("from vsockproxy import cli; import logging; cli.configure_logging('info'); "
+                    "log = logging.getLogger('vsockproxy'); log.debug('d'); log.info('i'); log.warning('w')")
+
+
+@pytest.mark.parametrize("same_inode", [True, False])
+def test_log_lines_carry_a_syslog_priority_only_when_stderr_is_the_journal(tmp_path, same_inode):
+    """journald stamps the time itself and parses ``<N>`` priorities; a terminal or a file gets timestamps."""
+    stderr_path = tmp_path / "stderr"
+    other = tmp_path / "other"
+    stderr_path.touch()
+    other.touch()
+    info = os.stat(stderr_path if same_inode else other)
+    with open(stderr_path, "wb") as stderr:
+        done = subprocess.run([sys.executable, "-c", LOG_THREE_LEVELS], stderr=stderr, timeout=20,
+                              env=cli_env(JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}"))
+    assert done.returncode == 0
+    lines = stderr_path.read_text().splitlines()
+    if same_inode:
+        assert lines == ["<6>i", "<4>w"]
+    else:
+        assert [re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", line) for line in lines] == ["INFO i", "WARNING w"]

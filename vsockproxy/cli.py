@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 from typing import NoReturn, Sequence
@@ -140,16 +141,42 @@ def parse_settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return settings
 
 
+class JournalFormatter(logging.Formatter):
+    """``<priority>message``: journald parses the syslog priority and stamps the time itself."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def stderr_is_journal() -> bool:
+    """systemd's documented test: $JOURNAL_STREAM names the device and inode of stderr."""
+    try:
+        device, inode = (int(part) for part in os.environ["JOURNAL_STREAM"].split(":"))
+        info = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError, AttributeError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
 def configure_logging(level: str) -> None:
-    """Plain lines on stderr; records skip the caller, thread and process look-ups the format never shows."""
+    """One line per record on stderr: timestamped, or with a syslog priority when it goes to journald.
+
+    Records skip the caller, thread and process look-ups that the format never shows.
+    """
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None  # documented switch: no sys._getframe() walk per record
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def raise_fd_limit() -> None:
-    """Each connection costs two sockets (and briefly a pipe): use every fd the hard limit allows."""
+    """Each connection costs two sockets: use every fd the hard limit allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         try:
