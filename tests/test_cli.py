@@ -348,3 +348,14 @@ def test_log_lines_carry_a_syslog_priority_only_when_stderr_is_the_journal(tmp_p
         assert lines == ["<6>i", "<4>w"]
     else:
         assert [re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", line) for line in lines] == ["INFO i", "WARNING w"]
+
+
+@pytest.mark.parametrize("env, expected", [(None, False), ("1", True), ("0", False)])
+def test_greenlet_tree_tracking_is_off_unless_asked_for(env, expected):
+    code = ("from vsockproxy import cli; import gevent; cli.skip_greenlet_tree_tracking(); "
+            "print(gevent.config.track_greenlet_tree, gevent.spawn(lambda: None).spawning_stack is not None)")
+    extra = {} if env is None else {"GEVENT_TRACK_GREENLET_TREE": env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
+                          env=cli_env(**extra))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(expected), str(expected)]
