@@ -122,6 +122,8 @@ class VsockProxyServer(StreamServer):
         # before the next accept takes another fd: at the fd limit, accepting a hundred at once
         # would leave none of them a descriptor for its target.
         self.max_accept = 1
+        # Read once: each read of socket.family and .type builds an IntEnum.
+        self._accepted_kind = (listener.family, listener.type, listener.proto)
         self.route = route
         self.metrics = metrics if metrics is not None else Metrics().service(str(port))
         self._retired_pools: list[Pool] = []
@@ -182,9 +184,8 @@ class VsockProxyServer(StreamServer):
         accept() running out of fds or memory is logged once per try, and
         gevent's server backs off.
         """
-        listener = self.socket
         try:
-            fd, address = listener._accept()
+            fd, address = self.socket._accept()
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -192,7 +193,7 @@ class VsockProxyServer(StreamServer):
                 raise
             log.warning("accept failed: %s; retrying in %.2f s", exc.strerror, self.delay)
             raise AcceptDeferred(exc.strerror) from None
-        enclave = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
+        enclave = socket.socket(*self._accepted_kind, fileno=fd)
         enclave.setblocking(False)
         return enclave, address
 
