@@ -109,9 +109,8 @@ def pipe(flow: Flow) -> None:
     """
     hub = get_hub()
     readable = hub.loop.io(flow.source.fileno(), READ)
-    writable = hub.loop.io(flow.sink.fileno(), WRITE)
     try:
-        _copy_loop(flow, readable, writable, hub)
+        _copy_loop(flow, readable, hub)
         try:
             flow.sink.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -121,10 +120,9 @@ def pipe(flow: Flow) -> None:
                 raise PeerError(flow.sink_name, exc) from None
     finally:
         readable.close()
-        writable.close()
 
 
-def _copy_loop(flow: Flow, readable, writable, hub) -> None:
+def _copy_loop(flow: Flow, readable, hub) -> None:
     """Read a chunk, write all of it, repeat until EOF; wait on the hub whenever a side would block."""
     source_fd, sink_fd = flow.source.fileno(), flow.sink.fileno()
     backlog = False
@@ -134,7 +132,7 @@ def _copy_loop(flow: Flow, readable, writable, hub) -> None:
         try:
             received = os.readv(source_fd, (buffer,))
             if received:
-                _write_all(sink_fd, memoryview(buffer)[:received], writable, hub, flow.sink_name)
+                _write_all(sink_fd, memoryview(buffer)[:received], hub, flow.sink_name)
         except BlockingIOError:
             received = None
         except OSError as exc:
@@ -153,12 +151,22 @@ def _copy_loop(flow: Flow, readable, writable, hub) -> None:
             return
 
 
-def _write_all(fd: int, data: memoryview, writable, hub, side: str) -> None:
-    """Write all of ``data``, parking the greenlet whenever the peer's window is full."""
-    while data:
-        try:
-            data = data[os.write(fd, data):]
-        except BlockingIOError:
-            hub.wait(writable)
-        except OSError as exc:
-            raise PeerError(side, exc) from None
+def _write_all(fd: int, data: memoryview, hub, side: str) -> None:
+    """Write all of ``data``, parking the greenlet whenever the peer's window is full.
+
+    Most chunks go out in one write, so the io watcher is made only when one blocks.
+    """
+    writable = None
+    try:
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                if writable is None:
+                    writable = hub.loop.io(fd, WRITE)
+                hub.wait(writable)
+            except OSError as exc:
+                raise PeerError(side, exc) from None
+    finally:
+        if writable is not None:
+            writable.close()
