@@ -288,7 +288,7 @@ class TcpTarget:
         self.handler = handler
         self.accepted = 0
         self.errors: list[BaseException] = []
-        self.server = StreamServer((host, port), self._handle)
+        self.server = StreamServer((host, port), self._handle, backlog=1024)  # bursts from the proxy fit
         self.server.start()
         self.port = self.server.server_port
 

@@ -3,6 +3,7 @@ and real TCP servers on 127.0.0.1 are the targets.  No AF_VSOCK socket is ever c
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ import gevent.socket
 import pytest
 
 from tests.conftest import (FakeDNS, assert_one_line_error, recv_all, recv_exactly, unused_tcp_port, wait_until)
+import vsockproxy.server as server_module
 from vsockproxy.resolver import Resolver
 
 pytestmark = pytest.mark.timeout(60)
@@ -235,6 +237,49 @@ def test_worker_limit_third_client_waits_for_a_free_slot(make_proxy, tcp_target)
         for client in (first, second, third):
             client.close()
     assert target.errors == []
+
+
+def test_a_burst_is_accepted_in_batches_until_fds_run_short(make_proxy, tcp_target, monkeypatch):
+    """vsock refuses connects once the accept queue is full, so bursts are drained a batch per loop
+    pass; near RLIMIT_NOFILE it is one per pass, each handler opening its target socket first."""
+    target = tcp_target(echo_lines)
+    proxy = make_proxy(target.port, num_workers=200, backlog=200)
+    per_pass: collections.Counter = collections.Counter()  # accepts in each pass of the event loop
+    loop, accept_one = gevent.get_hub().loop, proxy.server.do_read
+
+    def counting_accept():
+        accepted = accept_one()
+        if accepted:
+            per_pass[loop.iteration] += 1
+        return accepted
+
+    monkeypatch.setattr(proxy.server, "do_read", counting_accept)
+
+    def connect_now():
+        """A blocking connect, which the kernel completes while the proxy cannot run: part of one burst."""
+        plain = socket.create_connection(proxy.address, timeout=10)
+        client = gevent.socket.socket(plain.family, plain.type, fileno=plain.detach())
+        client.settimeout(10)
+        return client
+
+    burst = [connect_now() for _ in range(3 * server_module.ACCEPT_BATCH)]
+    try:
+        wait_until(lambda: proxy.server.active_connections == len(burst), 10, "the burst to be accepted")
+        assert max(per_pass.values()) > 1, per_pass
+        assert proxy.server.max_accept == server_module.ACCEPT_BATCH
+
+        soft, hard = server_module.resource.getrlimit(server_module.resource.RLIMIT_NOFILE)
+        monkeypatch.setattr(server_module.resource, "getrlimit", lambda _: (len(burst) * 2 + 64, hard))
+        near = connect_now()
+        burst.append(near)
+        wait_until(lambda: proxy.server.active_connections == len(burst), 10, "the last one to be accepted")
+        assert proxy.server.max_accept == 1
+        for client in burst:
+            client.sendall(b"x\n")
+            assert recv_exactly(client, 7) == b"echo:x\n"
+    finally:
+        for client in burst:
+            client.close()
 
 
 def test_waiting_clients_are_served_in_arrival_order(make_proxy, tcp_target):

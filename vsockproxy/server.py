@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import socket
 import time
 from dataclasses import dataclass
@@ -33,6 +34,23 @@ VMADDR_CID_ANY = socket.VMADDR_CID_ANY
 #: Errors from accept() that mean "out of resources for now", not "the listener is broken".
 TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
                                      errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+#: Connections accepted per loop pass while descriptors are plentiful, so that a burst leaves
+#: the kernel's accept queue quickly: vsock refuses a connect outright when that queue is full.
+ACCEPT_BATCH = 32
+
+
+def _far_from_fd_limit(newest_fd: int, in_use: int) -> bool:
+    """Whether a whole batch of connections (two fds each) still fits under RLIMIT_NOFILE.
+
+    Linux hands out the lowest free descriptor, so the newest one is a free lower
+    bound on how many are open.  Near the limit the server takes one connection
+    per loop pass, so each handler opens its target socket before the next accept
+    takes another descriptor; otherwise all of them could be left without one.
+    """
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(newest_fd, in_use) + 4 * ACCEPT_BATCH < soft_limit
 
 
 class ListenError(Exception):
@@ -118,10 +136,7 @@ class VsockProxyServer(StreamServer):
         if listener is None:
             listener = vsock_listener(cid, port, backlog)
         super().__init__(listener, spawn=Pool(num_workers))
-        # One accept() per loop pass, so each new connection's handler opens its target socket
-        # before the next accept takes another fd: at the fd limit, accepting a hundred at once
-        # would leave none of them a descriptor for its target.
-        self.max_accept = 1
+        self.max_accept = 1  # until the first accept shows how many descriptors are free
         # Read once: each read of socket.family and .type builds an IntEnum.
         self._accepted_kind = (listener.family, listener.type, listener.proto)
         self.route = route
@@ -193,6 +208,7 @@ class VsockProxyServer(StreamServer):
                 raise
             log.warning("accept failed: %s; retrying in %.2f s", exc.strerror, self.delay)
             raise AcceptDeferred(exc.strerror) from None
+        self.max_accept = ACCEPT_BATCH if _far_from_fd_limit(fd, 2 * self.active_connections) else 1
         enclave = socket.socket(*self._accepted_kind, fileno=fd)
         enclave.setblocking(False)
         return enclave, address
