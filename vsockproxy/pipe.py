@@ -30,10 +30,10 @@ from typing import Callable, Generic, TypeVar
 
 from gevent.hub import get_hub
 
-#: A flow reads into a small buffer until a read fills one (the source has a backlog: bulk), then
-#: into a large one until a read brings less than a small one again.  Both sizes are scripts/bench's choice:
-#: a large chunk per wake-up is what makes a single bulk stream fast, and a small one keeps
-#: ping-pong latency low.
+#: A flow reads into a small buffer until a read fills one (the source has a backlog: bulk),
+#: then into a large one until a read brings less than a small one again.  scripts/bench chose
+#: both sizes: a large chunk per wake-up is what makes a single bulk stream fast, and a small
+#: one keeps ping-pong latency low.
 SMALL_CHUNK_BYTES = 64 * 1024
 CHUNK_BYTES = 2 * 1024 * 1024
 READ, WRITE = 1, 2
