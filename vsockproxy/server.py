@@ -44,8 +44,8 @@ ACCEPT_BATCH = 32
 def _far_from_fd_limit(newest_fd: int, in_use: int) -> bool:
     """Whether a whole batch of connections (two fds each) still fits under RLIMIT_NOFILE.
 
-    Linux hands out the lowest free descriptor, so the newest one is a free lower
-    bound on how many are open.  Near the limit the server takes one connection
+    Linux hands out the lowest free descriptor, so the newest one is a lower bound,
+    at no cost, on how many are open.  Near the limit the server takes one connection
     per loop pass, so each handler opens its target socket before the next accept
     takes another descriptor; otherwise all of them could be left without one.
     """
