@@ -204,6 +204,15 @@ def _recv_exactly(sock, size: int) -> int:
     return got
 
 
+def _run_loops(gevent, client, clients: int, duration: float) -> None:
+    """Run ``clients`` copies of a timed ``client`` loop to their end; stragglers past the bound are killed."""
+    greenlets = [gevent.spawn(client) for _ in range(clients)]
+    try:
+        gevent.joinall(greenlets, timeout=duration + IO_TIMEOUT + 5)
+    finally:
+        gevent.killall(greenlets)
+
+
 def request_reply(addr: Addr, *, clients: int, duration: float, request: int, reply: int,
                   max_exchanges: int) -> dict:
     """Upstream issue #413: ``clients`` loops of connect, request, reply, close for ``duration`` s."""
@@ -233,11 +242,7 @@ def request_reply(addr: Addr, *, clients: int, duration: float, request: int, re
                 if sock is not None:
                     sock.close()
 
-    greenlets = [gevent.spawn(client) for _ in range(clients)]
-    try:
-        gevent.joinall(greenlets, timeout=duration + IO_TIMEOUT + 5)
-    finally:
-        gevent.killall(greenlets)
+    _run_loops(gevent, client, clients, duration)
     elapsed = time.monotonic() - start
     latencies.sort()
     ms = [x * 1000 for x in latencies]
@@ -284,11 +289,7 @@ def churn(addr: Addr, *, clients: int, duration: float, size: int, max_connectio
                 if sock is not None:
                     sock.close()
 
-    greenlets = [gevent.spawn(client) for _ in range(clients)]
-    try:
-        gevent.joinall(greenlets, timeout=duration + IO_TIMEOUT + 5)
-    finally:
-        gevent.killall(greenlets)
+    _run_loops(gevent, client, clients, duration)
     elapsed = time.monotonic() - start
     latencies.sort()
     return {"conns_per_s": done[0] / elapsed, "p99_ms": percentile([x * 1000 for x in latencies], 0.99),
