@@ -259,13 +259,14 @@ def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
             raise ConnectError(f"cannot open a socket: {exc.strerror}") from None
         try:
             _connect_within(upstream, endpoint.sockaddr, route.connect_timeout)
-        except BaseException as exc:
+        except OSError as exc:
             upstream.close()
-            if not isinstance(exc, OSError):
-                raise
             reason = "timed out" if isinstance(exc, socket.timeout) else exc.strerror or str(exc)
             failures.append(f"{endpoint}: {reason}")
             continue
+        except BaseException:  # killed while connecting: the socket must not outlive its greenlet
+            upstream.close()
+            raise
         return upstream, endpoint
     raise ConnectError("; ".join(failures))
 
