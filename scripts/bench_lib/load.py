@@ -184,6 +184,62 @@ def pingpong(addr: Addr, *, rounds: int, size: int, time_limit: float) -> dict:
             "rounds": len(latencies), **failures.report()}
 
 
+def mixed(addr: Addr, pingpong: Callable[..., dict], *, rounds: int, size: int, time_limit: float) -> dict:
+    """``pingpong`` on one connection while a second one streams bulk through an echo target.
+
+    The bulk stream sends 1 MiB blocks from one thread and reads the echo in another, for as
+    long as the ping-pong lasts; its figure is the echoed MiB/s, every byte counted back.
+    """
+    deadline = time.monotonic() + time_limit
+    failures = Failures()
+    stop = threading.Event()
+    counts = {"sent": 0, "echoed": 0}
+    bulk = connect(addr, IO_TIMEOUT)
+
+    def send() -> None:
+        block = memoryview(bytes(CHUNK))
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                bulk.sendall(block)
+                counts["sent"] += CHUNK
+            bulk.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            failures.add(f"bulk send {describe(exc)}")
+
+    def receive() -> None:
+        buffer = bytearray(CHUNK)
+        try:
+            while True:
+                got = bulk.recv_into(buffer)
+                if not got:
+                    return
+                counts["echoed"] += got
+        except OSError as exc:
+            failures.add(f"bulk receive {describe(exc)}")
+
+    threads = [threading.Thread(target=send, daemon=True), threading.Thread(target=receive, daemon=True)]
+    started = time.perf_counter()
+    try:
+        for thread in threads:
+            thread.start()
+        while counts["echoed"] < 4 * CHUNK and time.monotonic() < deadline:
+            time.sleep(0.01)  # the bulk stream is in full flow before the first ping
+        result = pingpong(addr, rounds=rounds, size=size, time_limit=max(1.0, deadline - time.monotonic()))
+        seconds = time.perf_counter() - started
+        echoed_then = counts["echoed"]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(IO_TIMEOUT)
+        bulk.close()
+    if counts["echoed"] != counts["sent"]:
+        failures.add(f"bulk echoed {counts['echoed']} of {counts['sent']} bytes")
+    return {"p50_us": result.get("p50_us"), "p99_us": result.get("p99_us"),
+            "bulk_mib_per_s": echoed_then / MIB / seconds,
+            "failures": result.get("failures", 0) + failures.count,
+            "errors": {**result.get("errors", {}), **failures.report()["errors"]}}
+
+
 # --------------------------------------------------------------------------- connection-heavy (gevent)
 
 def _gevent():
