@@ -48,9 +48,11 @@ def parse_allowlist(document, source: str):
     return _allowlist.parse_config(document, source).allowlist
 
 
-def new_server(target, resolver, *, listener, num_workers: int = 4, connect_timeout: float = 2.0):
+def new_server(target, resolver, *, listener, num_workers: int = 4, connect_timeout: float = 2.0,
+               idle_timeout: float = 0.0):
     """A VsockProxyServer forwarding to ``target`` from an injected ``listener``."""
-    return VsockProxyServer(_server.Route(target, resolver, connect_timeout=connect_timeout),
+    return VsockProxyServer(_server.Route(target, resolver, connect_timeout=connect_timeout,
+                                          idle_timeout=idle_timeout),
                             num_workers=num_workers, listener=listener)
 
 
@@ -355,7 +357,7 @@ def make_proxy():
 
     def make(target_port: int, *, host: str = "127.0.0.1", entries=None, resolver: Resolver | None = None,
              num_workers: int = 4, connect_timeout: float = 2.0, listener: str = "tcp",
-             backlog: int = 128) -> Proxy:
+             backlog: int = 128, idle_timeout: float = 0.0) -> Proxy:
         entries = entries if entries is not None else [{"address": host, "port": target_port}]
         allowlist = parse_allowlist({"allowlist": entries}, "test-allowlist.yaml")
         resolver = resolver or Resolver(getaddrinfo=no_dns)
@@ -375,7 +377,7 @@ def make_proxy():
         sock.listen(backlog)
         sock.setblocking(False)
         server = new_server(target, resolver, num_workers=num_workers, connect_timeout=connect_timeout,
-                            listener=sock)
+                            listener=sock, idle_timeout=idle_timeout)
         server.start()
         proxy = Proxy(server, sock, address, family)
         proxies.append(proxy)

@@ -23,6 +23,8 @@ from vsockproxy.resolver import Resolver
 
 pytestmark = pytest.mark.timeout(60)
 
+MIB = 1 << 20
+
 LOG_LINE = re.compile(r"closed enclave=(?P<enclave>\S+) target=(?P<target>\S+) up=(?P<up>\d+) "
                       r"down=(?P<down>\d+) duration=(?P<duration>\d+\.\d+)s end=(?P<end>\S+)")
 
@@ -587,3 +589,56 @@ def test_not_allowed_target_refused_at_start_up(run_cli, write_config):
         assert_one_line_error(result, 1, f"{port}")
         with pytest.raises(socket.timeout):
             decoy.accept()
+
+
+# --------------------------------------------------------------------------- idle timeout
+
+def slow_reader(sock, step: int, pause: float) -> bytes:
+    """Read ``step`` bytes every ``pause`` seconds until EOF: an enclave that keeps up, slowly."""
+    received = bytearray()
+    while True:
+        chunk = sock.recv(step)
+        if not chunk:
+            return bytes(received)
+        received += chunk
+        gevent.sleep(pause)
+
+
+def test_idle_timeout_spares_a_transfer_that_is_still_moving(make_proxy, tcp_target, log):
+    """A slow reader keeps its connection: each byte it takes counts as activity, not only whole chunks."""
+    payload = os.urandom(4 * MIB)
+    target = tcp_target(lambda sock: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR), recv_all(sock)))
+    proxy = make_proxy(target.port, idle_timeout=0.8)
+    # Small kernel buffers on both ends of the enclave's connection (the proxy's accepted socket
+    # inherits its listener's), as vsock has, so the proxy's writes progress in small steps.
+    proxy.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    client = gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connect: a small window
+    client.settimeout(10)
+    with client:
+        client.connect(proxy.address)
+        received = slow_reader(client, 64 * 1024, 0.04)  # ~1.5 MB/s: 2 MiB chunks take over a second
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    (line,) = wait_for_closed_lines(log, 1)
+    assert line["end"] == "eof" and int(line["down"]) == len(payload), line.group(0)
+
+
+def test_idle_timeout_resets_both_tcp_peers_instead_of_a_clean_end(make_proxy, tcp_target, log):
+    """A connection cut for idleness must not look complete to a peer that is waiting for more."""
+    endings = []
+
+    def wait_for_more(sock):
+        try:
+            endings.append("eof" if sock.recv(100) == b"" else "data")
+        except ConnectionResetError:
+            endings.append("reset")
+
+    target = tcp_target(wait_for_more)
+    proxy = make_proxy(target.port, idle_timeout=0.3)
+    with proxy.connect() as client:
+        with pytest.raises(ConnectionResetError):
+            client.recv(100)
+    (line,) = wait_for_closed_lines(log, 1)
+    assert line["end"] == "idle-timeout", line.group(0)
+    wait_until(lambda: endings, 5, "the target's read to end")
+    assert endings == ["reset"]

@@ -293,3 +293,81 @@ def test_a_buffer_still_viewed_is_unmapped_by_its_last_view():
 def test_wait_until_helper_fails_loudly():
     with pytest.raises(AssertionError, match="never"):
         wait_until(lambda: False, timeout=0.05, what="never")
+
+
+class VsockLikeSink:
+    """A sink whose peer has closed with our data unread, as vsock shows it: never writable, no error.
+
+    Only a zero-byte send tells (EPIPE); the socket is a real, full socketpair end.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.probes = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, data: bytes) -> int:
+        self.probes += 1
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def test_a_write_parked_on_a_departed_vsock_peer_ends_within_the_peer_check(sockets, monkeypatch):
+    """The enclave closed with replies unread: the pipe must fail, not wait for writable forever."""
+    monkeypatch.setattr("vsockproxy.pipe.PEER_CHECK_SECONDS", 0.2)
+    unix_pair, _ = sockets
+    writer, source = unix_pair()
+    sink, _never_read = unix_pair()
+    vsock_sink = VsockLikeSink(sink)
+    worker = run_pipe(Flow(source, "target", vsock_sink, "enclave"))
+    sender = gevent.spawn(writer.sendall, os.urandom(4 * CHUNK_BYTES))  # more than the sink's buffers take
+    error = worker.get(timeout=5)
+    sender.kill()
+    assert isinstance(error, PeerError), error
+    assert (error.side, error.error.errno) == ("enclave", errno.EPIPE)
+    assert vsock_sink.probes == 1
+
+
+def test_a_write_parked_on_a_live_peer_waits_and_the_check_changes_nothing(sockets, monkeypatch):
+    monkeypatch.setattr("vsockproxy.pipe.PEER_CHECK_SECONDS", 0.05)
+    unix_pair, _ = sockets
+    writer, flow, reader = rig(unix_pair)
+    payload = os.urandom(3 * CHUNK_BYTES)
+    worker = run_pipe(flow)
+    sender = gevent.spawn(lambda: (writer.sendall(payload), writer.shutdown(socket.SHUT_WR)))
+    gevent.sleep(0.5)  # several peer checks while the reader reads nothing
+    assert not worker.ready()
+    received = recv_all(reader)
+    sender.get(timeout=10)
+    assert worker.get(timeout=10) is None
+    assert received == payload
+
+
+def test_bytes_count_as_they_are_written_not_per_chunk(sockets):
+    """A connection cut mid-chunk reports exactly the bytes its sink took."""
+    unix_pair, _ = sockets
+    writer, flow, reader = rig(unix_pair)
+    worker = run_pipe(flow)
+    sender = gevent.spawn(writer.sendall, os.urandom(3 * CHUNK_BYTES))
+    moved = wait_stalled_bytes(flow)
+    worker.kill()
+    sender.kill()
+    delivered = 0
+    reader.setblocking(False)
+    while True:
+        try:
+            chunk = reader.recv(1 << 20)
+        except BlockingIOError:
+            break
+        delivered += len(chunk)
+    assert flow.bytes == moved == delivered
+
+
+def wait_stalled_bytes(flow, quiet: float = 0.3) -> int:
+    """``flow.bytes`` once it has stopped changing for ``quiet`` seconds."""
+    last = -1
+    while flow.bytes != last:
+        last = flow.bytes
+        gevent.sleep(quiet)
+    return last

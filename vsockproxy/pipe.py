@@ -29,7 +29,7 @@ import socket
 import time
 from typing import Callable, Generic, TypeVar
 
-from gevent.hub import get_hub
+from gevent.hub import Waiter, get_hub
 
 #: A flow reads into a small buffer until a read fills one (the source has a backlog: bulk),
 #: then into a large one until a read brings less than a small one again.  scripts/bench chose
@@ -37,6 +37,8 @@ from gevent.hub import get_hub
 #: one keeps ping-pong latency low.
 SMALL_CHUNK_BYTES = 64 * 1024
 CHUNK_BYTES = 2 * 1024 * 1024
+#: While a write waits for the peer's window, how often to make sure the peer still exists.
+PEER_CHECK_SECONDS = 1.0
 READ, WRITE = 1, 2
 T = TypeVar("T")
 
@@ -90,7 +92,7 @@ LARGE_BUFFERS: FreeList[mmap.mmap] = FreeList(lambda: mmap.mmap(-1, CHUNK_BYTES)
 
 
 class Flow:
-    """One direction of a connection and the bytes it has moved so far."""
+    """One direction of a connection: the bytes its sink has taken so far, and when a byte last moved."""
 
     __slots__ = ("source", "sink", "source_name", "sink_name", "bytes", "last_active")
 
@@ -125,7 +127,7 @@ def pipe(flow: Flow) -> None:
 
 def _copy_loop(flow: Flow, readable, hub) -> None:
     """Read a chunk, write all of it, repeat until EOF; wait on the hub whenever a side would block."""
-    source_fd, sink_fd = flow.source.fileno(), flow.sink.fileno()
+    source_fd = flow.source.fileno()
     backlog = False
     while True:
         buffers = LARGE_BUFFERS if backlog else SMALL_BUFFERS
@@ -133,7 +135,8 @@ def _copy_loop(flow: Flow, readable, hub) -> None:
         try:
             received = os.readv(source_fd, (buffer,))
             if received:
-                _write_all(sink_fd, memoryview(buffer)[:received], hub, flow.sink_name)
+                flow.last_active = time.monotonic()
+                _write_all(flow, memoryview(buffer)[:received], hub)
         except BlockingIOError:
             received = None
         except OSError as exc:
@@ -145,29 +148,60 @@ def _copy_loop(flow: Flow, readable, hub) -> None:
         if received is None:
             hub.wait(readable)
         elif received:
-            flow.bytes += received
-            flow.last_active = time.monotonic()
             backlog = received >= SMALL_CHUNK_BYTES
         else:
             return
 
 
-def _write_all(fd: int, data: memoryview, hub, side: str) -> None:
-    """Write all of ``data``, parking the greenlet whenever the peer's window is full.
+def _write_all(flow: Flow, data: memoryview, hub) -> None:
+    """Write all of ``data``, counting each byte as it goes out, parking whenever the peer's window is full.
 
-    Most chunks go out in one write, so the io watcher is made only when one blocks.
+    Most chunks go out in one write, so the watchers are made only when one blocks.
+    While parked, the peer is checked every PEER_CHECK_SECONDS: a vsock whose peer
+    has closed with our data unread never reports writable, nor an error, but a
+    zero-byte send on it fails with EPIPE.
     """
-    writable = None
+    fd = flow.sink.fileno()
+    writable = peer_check = None
     try:
         while data:
             try:
-                data = data[os.write(fd, data):]
+                written = os.write(fd, data)
             except BlockingIOError:
                 if writable is None:
                     writable = hub.loop.io(fd, WRITE)
-                hub.wait(writable)
+                    peer_check = hub.loop.timer(PEER_CHECK_SECONDS)
+                if not _wait_writable(hub, writable, peer_check):
+                    _check_peer(flow)
+                continue
             except OSError as exc:
-                raise PeerError(side, exc) from None
+                raise PeerError(flow.sink_name, exc) from None
+            data = data[written:]
+            flow.bytes += written
+            flow.last_active = time.monotonic()
     finally:
         if writable is not None:
             writable.close()
+            peer_check.close()
+
+
+def _wait_writable(hub, writable, peer_check) -> bool:
+    """Park until the sink can take more (True) or the peer check is due (False)."""
+    waiter = Waiter(hub)
+    writable.start(waiter.switch, True)
+    peer_check.start(waiter.switch, False)
+    try:
+        return waiter.get()
+    finally:
+        writable.stop()
+        peer_check.stop()
+
+
+def _check_peer(flow: Flow) -> None:
+    """Raise PeerError if the sink's peer can no longer receive anything."""
+    try:
+        flow.sink.send(b"")
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        raise PeerError(flow.sink_name, exc) from None

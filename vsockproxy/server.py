@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -243,6 +244,9 @@ class VsockProxyServer(StreamServer):
         try:
             ending = relay(up, down, route.idle_timeout)
         finally:
+            if ending != "eof":
+                _reset_on_close(enclave)
+                _reset_on_close(upstream)
             upstream.close()
             metrics.closed(None if ending == "eof" else ending.split("(")[0], up.bytes, down.bytes)
             log.info("closed enclave=%s target=%s up=%d down=%d duration=%.3fs end=%s",
@@ -286,6 +290,22 @@ def _connect_within(upstream: socket.socket, address: tuple, timeout: float) -> 
         error = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
+
+
+#: SO_LINGER on with a zero timeout: close() sends a reset instead of a FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _reset_on_close(sock: socket.socket) -> None:
+    """Make the coming close a TCP reset, so that a peer still receiving sees an error, not a clean end.
+
+    vsock has no such signal: an enclave sees EOF however its connection ends.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
 
 
 def relay(up: Flow, down: Flow, idle_timeout: float = 0.0) -> str:
