@@ -37,6 +37,8 @@ from gevent.hub import Waiter, get_hub
 #: one keeps ping-pong latency low.
 SMALL_CHUNK_BYTES = 64 * 1024
 CHUNK_BYTES = 2 * 1024 * 1024
+#: Bytes a pipe moves before it lets other connections run (see _copy_loop).
+FAIR_SHARE_BYTES = CHUNK_BYTES
 #: While a write waits for the peer's window, how often to make sure the peer still exists.
 PEER_CHECK_SECONDS = 1.0
 READ, WRITE = 1, 2
@@ -126,9 +128,17 @@ def pipe(flow: Flow) -> None:
 
 
 def _copy_loop(flow: Flow, readable, hub) -> None:
-    """Read a chunk, write all of it, repeat until EOF; wait on the hub whenever a side would block."""
+    """Read a chunk, write all of it, repeat until EOF; wait on the hub whenever a side would block.
+
+    Every FAIR_SHARE_BYTES moved, the pipe waits for its source again even if it
+    has more: a bulk stream whose source and sink never block would otherwise hold
+    the event loop for as long as it lasts, and every other connection's latency
+    with it.  (A plain ``gevent.sleep(0)`` would not do: the hub runs callbacks for
+    up to a switch interval before it polls the sockets again.)
+    """
     source_fd = flow.source.fileno()
     backlog = False
+    since_yield = 0
     while True:
         buffers = LARGE_BUFFERS if backlog else SMALL_BUFFERS
         buffer = buffers.take()
@@ -147,8 +157,13 @@ def _copy_loop(flow: Flow, readable, hub) -> None:
             buffers.give(buffer)
         if received is None:
             hub.wait(readable)
+            since_yield = 0
         elif received:
             backlog = received >= SMALL_CHUNK_BYTES
+            since_yield += received
+            if since_yield >= FAIR_SHARE_BYTES:
+                since_yield = 0
+                hub.wait(readable)  # a turn of the loop: the other connections' ready sockets first
         else:
             return
 
