@@ -9,6 +9,7 @@ SAFETY: the running-proxy test listens on AF_VSOCK (bind and listen only, never 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
@@ -146,7 +147,6 @@ def test_metrics_address_with_newlines_gives_one_error_line(run_cli, tmp_path):
 
 def yaml_string(text: str) -> str:
     """``text`` as a YAML double-quoted scalar (JSON's escapes are YAML's)."""
-    import json
     return json.dumps(text)
 
 

@@ -399,8 +399,9 @@ def test_sighup_while_starting_reloads_once_started(in_process, tmp_path):
     run = in_process(config, dns)
     wait_until(lambda: dns.waited, 10, "start-up's look-up of slow.example")
     config.write_text(services_yaml(target_port, {5005: "slow.example", 5006: "127.0.0.1"}))
+    logged_before = len(run.messages())
     os.kill(os.getpid(), signal.SIGHUP)
-    gevent.sleep(0.2)  # the handler runs
+    wait_until(lambda: len(run.messages()) > logged_before, 10, "the SIGHUP handler's log line")
     dns.release.set()
     run.wait_logged("listening on vsock port 5005")
     wait_until(lambda: 5006 in run.supervisor.servers, 10, f"port 5006 served; log: {run.messages()}")
