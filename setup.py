@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vsockproxy", "vsockproxy.*"]),
     install_requires=REQUIREMENTS,
-    entry_points={"console_scripts": ["vsock-proxy = vsockproxy.cli:main"]},
+    entry_points={"console_scripts": ["vsock-proxy = vsockproxy.__main__:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",

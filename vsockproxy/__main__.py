@@ -1,7 +1,25 @@
-"""Lets ``python -m vsockproxy`` behave exactly like the ``vsock-proxy`` command."""
+"""The ``vsock-proxy`` command's entry point, for the console script and ``python -m vsockproxy`` alike.
 
+SIGHUP (reload) and SIGUSR1 (summary) kill a process by default, and start-up
+imports gevent, PyYAML and prometheus_client before the supervisor can install
+its handlers: 0.2 s natively, seconds in a slow VM.  So both signals are ignored
+first, before anything heavy is imported; the supervisor's handlers replace that.
+"""
+
+from __future__ import annotations
+
+import signal
 import sys
 
-from vsockproxy.cli import main
 
-sys.exit(main())
+def main() -> int:
+    """Run ``vsock-proxy`` with the command line in ``sys.argv``; returns the exit status."""
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    from vsockproxy.cli import main as run_cli  # the heavy imports
+
+    return run_cli()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

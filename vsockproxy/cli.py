@@ -9,7 +9,6 @@ before serving is one line on stderr and a non-zero exit: 2 for usage errors,
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import resource
 import sys
@@ -20,6 +19,7 @@ import gevent
 
 from vsockproxy import __version__
 from vsockproxy.allowlist import MAX_VSOCK_PORT, ConfigError, NotAllowed
+from vsockproxy.logs import configure_logging, one_line
 from vsockproxy.server import VMADDR_CID_ANY, ListenError
 from vsockproxy.supervisor import StartupError, Supervisor, parse_host_port
 
@@ -32,8 +32,7 @@ class OneLineParser(configargparse.ArgumentParser):
     """argparse prints usage plus the error; operators and scripts want just the error."""
 
     def error(self, message: str) -> NoReturn:
-        one_line = message.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-        self.exit(2, f"{PROG}: error: {one_line} (see {PROG} --help)\n")
+        self.exit(2, f"{PROG}: error: {one_line(message)} (see {PROG} --help)\n")
 
 
 def _bounded_int(low: int, high: int, what: str):
@@ -142,40 +141,6 @@ def parse_settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return settings
 
 
-class JournalFormatter(logging.Formatter):
-    """``<priority>message``: journald parses the syslog priority and stamps the time itself."""
-
-    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
-
-
-def stderr_is_journal() -> bool:
-    """systemd's documented test: $JOURNAL_STREAM names the device and inode of stderr."""
-    try:
-        device, inode = (int(part) for part in os.environ["JOURNAL_STREAM"].split(":"))
-        info = os.fstat(sys.stderr.fileno())
-    except (KeyError, ValueError, OSError, AttributeError):
-        return False
-    return (info.st_dev, info.st_ino) == (device, inode)
-
-
-def configure_logging(level: str) -> None:
-    """One line per record on stderr: timestamped, or with a syslog priority when it goes to journald.
-
-    Records skip the caller, thread and process look-ups that the format never shows.
-    """
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None  # documented switch: no sys._getframe() walk per record
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-
-
 def raise_fd_limit() -> None:
     """Each connection costs two sockets: use every fd the hard limit allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -206,6 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         Supervisor(settings).serve()
     except (ConfigError, NotAllowed, ListenError, StartupError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     return 0

@@ -4,6 +4,7 @@ SIGHUP re-reads the YAML file and re-checks every target against the new
 allowlist; nothing changes unless all of it is valid and every new listener
 binds.  SIGTERM/SIGINT drain, SIGUSR1 logs a one-line summary.  Open
 connections never notice a reload: each one keeps the route it started with.
+Once the drain has begun, no reload commits: nothing new may open then.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Supervisor:
         self._plans: dict[int, Plan] = {}
         self._retiring: list[VsockProxyServer] = []
         self._reload_lock = Semaphore()
+        self._reload_pending = False
+        self._stopping = Event()
         self._metrics_server: WSGIServer | None = None
 
     # -- configuration -------------------------------------------------------------------------
@@ -153,11 +156,15 @@ class Supervisor:
     def reload(self) -> bool:
         """Apply the file as it is now, or change nothing; returns whether it was applied."""
         with self._reload_lock:
+            if self._stopping.is_set():
+                log.warning("reload refused: shutting down")
+                return False
             self.notifier.reloading()
             try:
                 applied = self._reload()
             finally:
-                self.notifier.ready(self.status())
+                if not self._stopping.is_set():  # after STOPPING=1, READY=1 would be a lie
+                    self.notifier.ready(self.status())
             return applied
 
     def _reload(self) -> bool:
@@ -166,6 +173,11 @@ class Supervisor:
             added = self._bind_all(plan for port, plan in plans.items() if port not in self.servers)
         except (ConfigError, NotAllowed, StartupError, ListenError) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
+            return False
+        if self._stopping.is_set():  # the drain began while plan() waited on DNS
+            for server in added.values():
+                server.close()
+            log.warning("reload refused: shutting down")
             return False
         for port in [port for port in self.servers if port not in plans]:
             server = self.servers.pop(port)
@@ -188,8 +200,14 @@ class Supervisor:
         return True
 
     def drain(self, grace: float) -> None:
-        """Stop accepting everywhere, give open connections ``grace`` seconds, then end them."""
+        """Stop accepting everywhere, give open connections ``grace`` seconds, then end them.
+
+        From here on no reload commits, so the servers closed here are all there will be.
+        """
+        self._stopping.set()
         servers = [*self.servers.values(), *self._retiring]
+        for server in servers:
+            server.close()
         active = sum(server.active_connections for server in servers)
         log.info("stopping: listeners closed, waiting up to %gs for %d open connection(s)", grace, active)
         self.notifier.stopping(f"draining {active} connection(s)")
@@ -223,36 +241,49 @@ class Supervisor:
 
         The handlers go in before anything binds, so a signal that arrives
         while starting still gets a clean drain.  Start-up errors propagate.
+        The signals' previous dispositions come back at the end: gevent would
+        leave SIG_DFL, and a SIGHUP while exiting would kill the process.
         """
-        stopping = Event()
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        previous = {signum: signal.getsignal(signum) for signum in handled}
         handlers = [
-            gevent.signal_handler(signal.SIGTERM, stopping.set),
-            gevent.signal_handler(signal.SIGINT, stopping.set),
+            gevent.signal_handler(signal.SIGTERM, self._stopping.set),
+            gevent.signal_handler(signal.SIGINT, self._stopping.set),
             gevent.signal_handler(signal.SIGHUP, self._reload_when_started),
             gevent.signal_handler(signal.SIGUSR1, lambda: log.info("%s", self.summary())),
         ]
         reporter = None
         try:
             self.start()
+            if self._reload_pending:
+                gevent.spawn(self.reload)
             reporter = gevent.spawn(self._report_status) if self.notifier.enabled else None
-            stopping.wait()
-            for handler in handlers[:2]:
+            self._stopping.wait()
+            draining = [gevent.signal_handler(signal.SIGTERM, self.kill_connections),
+                        gevent.signal_handler(signal.SIGINT, self.kill_connections)]
+            for handler in handlers[:2]:  # after the new ones are in: no instant at SIG_DFL
                 handler.cancel()
-            handlers[:2] = [gevent.signal_handler(signal.SIGTERM, self.kill_connections),
-                            gevent.signal_handler(signal.SIGINT, self.kill_connections)]
+            handlers[:2] = draining
             self.drain(self.settings.shutdown_grace)
         finally:
             if reporter is not None:
                 reporter.kill()
             for handler in handlers:
                 handler.cancel()
+            for signum, disposition in previous.items():
+                if disposition is not None:  # None: not set from Python, nothing to restore
+                    signal.signal(signum, disposition)
             self.notifier.close()
 
     def _reload_when_started(self) -> None:
-        if self._plans:
+        """SIGHUP: reload now; while starting, once started (the file may have changed since it was read)."""
+        if self._stopping.is_set():
+            log.warning("reload refused: shutting down")
+        elif self._plans:
             gevent.spawn(self.reload)
-        else:
-            log.warning("SIGHUP ignored: still starting")
+        elif not self._reload_pending:
+            self._reload_pending = True
+            log.info("reload requested while starting: reloading once started")
 
     def _report_status(self) -> None:
         while True:
