@@ -1,8 +1,8 @@
 """Per-service counters, exported in Prometheus' text format by ``prometheus_client``.
 
 Counters are updated once per connection (bytes at close), never per chunk,
-so the data path pays nothing for them.  The endpoint is a gevent WSGI server
-in the same hub: no extra threads.
+so the data path pays nothing for them.  vsockproxy.metrics_server serves
+them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger("vsockproxy")
 
@@ -38,9 +38,6 @@ class Metrics:
 
     def service(self, name: str) -> "ServiceMetrics":
         return ServiceMetrics(self, name)
-
-    def wsgi_app(self):
-        return make_wsgi_app(self.registry)
 
 
 class ServiceMetrics:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import socket
 from dataclasses import dataclass, replace
@@ -18,10 +17,10 @@ from dataclasses import dataclass, replace
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
-from gevent.pywsgi import WSGIServer
 
 from vsockproxy.allowlist import ConfigError, NotAllowed, ServiceSpec, load_config
 from vsockproxy.metrics import Metrics
+from vsockproxy.metrics_server import MetricsServer, metrics_listener
 from vsockproxy.notify import Notifier
 from vsockproxy.resolver import Resolver
 from vsockproxy.server import ListenError, Route, VsockProxyServer, vsock_listener
@@ -55,7 +54,7 @@ class Supervisor:
         self._plans: dict[int, Plan] = {}
         self._retiring: list[VsockProxyServer] = []
         self._reload_lock = Semaphore()
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: MetricsServer | None = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -143,11 +142,11 @@ class Supervisor:
     def _start_metrics(self, address: str) -> None:
         host, port = parse_host_port(address)
         try:
-            self._metrics_server = WSGIServer((host, port), self.metrics.wsgi_app(), log=None, error_log=log)
-            self._metrics_server.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise StartupError(f"cannot serve metrics on {address}: {reason}") from None
+            listener = metrics_listener(host, port)
+        except OSError as exc:  # socket.gaierror too: its strerror is the resolver's message
+            raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        self._metrics_server = MetricsServer(listener, self.metrics.registry)
+        self._metrics_server.start()
         log.info("metrics on http://%s/metrics", address)
 
     def reload(self) -> bool:
