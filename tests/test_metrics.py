@@ -326,3 +326,75 @@ def test_an_unresolvable_metrics_host_is_reported_in_the_resolvers_words(run_cli
                      "--metrics-address", f"{host}:9100", timeout=30)
     assert result.returncode == 1, result.stderr
     assert result.stderr == f"vsock-proxy: error: cannot serve metrics on {host}:9100: {reason}\n"
+
+
+# =========================================================================== defect 7: the figures
+
+def test_pool_full_seconds_grows_while_the_pool_is_full(metered_proxy):
+    server, metrics, address = metered_proxy(num_workers=1)
+    with connect(address) as holder:
+        assert echoes(holder, b"holding the only worker")
+        with connect(address) as waiter:
+            waiter.sendall(b"waiting")
+            wait_until(lambda: sample(scrape(metrics), "vsockproxy_pool_full_total", service="5005") == 1,
+                       what="the pool to be reported full")
+            before = sample(scrape(metrics), "vsockproxy_pool_full_seconds_total", service="5005")
+            gevent.sleep(0.5)
+            during = sample(scrape(metrics), "vsockproxy_pool_full_seconds_total", service="5005")
+            assert during - before >= 0.4, (before, during)
+            holder.close()
+            assert recv_exactly(waiter, 7) == b"waiting"
+    wait_until(lambda: server.active_connections == 0, what="both connections to end")
+    after = sample(scrape(metrics), "vsockproxy_pool_full_seconds_total", service="5005")
+    gevent.sleep(0.2)
+    assert sample(scrape(metrics), "vsockproxy_pool_full_seconds_total", service="5005") == after >= during
+
+
+def test_bytes_of_an_open_connection_are_counted_before_it_closes(metered_proxy):
+    server, metrics, address = metered_proxy()
+    payload = b"x" * 1000
+    with connect(address) as client:
+        assert echoes(client, payload)
+        text = scrape(metrics)
+        assert sample(text, "vsockproxy_bytes_total", service="5005", direction="enclave_to_target") == 1000
+        assert sample(text, "vsockproxy_bytes_total", service="5005", direction="target_to_enclave") == 1000
+        snapshot = server.metrics.snapshot()
+        assert (snapshot["up"], snapshot["down"]) == (1000, 1000), snapshot  # what SIGUSR1 logs
+    wait_until(lambda: server.active_connections == 0, what="the connection to end")
+    text = scrape(metrics)  # counted once, not again at the close
+    assert sample(text, "vsockproxy_bytes_total", service="5005", direction="enclave_to_target") == 1000
+    assert sample(text, "vsockproxy_bytes_total", service="5005", direction="target_to_enclave") == 1000
+
+
+def test_series_of_a_removed_service_go_once_its_last_connection_ends_unless_it_is_served_again(
+        tcp_supervisor, tcp_target):
+    target = tcp_target(echo)
+    supervisor = tcp_supervisor(services_yaml(target.port, [5001, 5002]))
+    addresses, metrics = supervisor.addresses, supervisor.metrics
+
+    def served(service: int) -> bool:
+        return f'service="{service}"' in scrape(metrics)
+
+    first = connect(addresses[5001])
+    try:
+        assert echoes(first, b"one")
+        supervisor.rewrite(services_yaml(target.port, [5002]))
+        assert supervisor.reload()
+        assert served(5001), "a removed service's series went while its connection was open"
+        supervisor.rewrite(services_yaml(target.port, [5001, 5002]))
+        assert supervisor.reload()  # served again, on a new listener, before its last connection ended
+    finally:
+        first.close()
+    gevent.sleep(0.2)
+    assert served(5001), "the series of a service being served went when an old connection ended"
+
+    second = connect(addresses[5001])
+    try:
+        assert echoes(second, b"two")
+        supervisor.rewrite(services_yaml(target.port, [5002]))
+        assert supervisor.reload()
+        assert sample(scrape(metrics), "vsockproxy_active_connections", service="5001") == 1
+    finally:
+        second.close()
+    wait_until(lambda: not served(5001), what="the removed service's series to go")
+    assert sample(scrape(metrics), "vsockproxy_connections_accepted_total", service="5002") == 0

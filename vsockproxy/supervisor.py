@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import gevent
 from gevent.event import Event
@@ -79,8 +80,7 @@ class Supervisor:
             if old is not None and _family(old.spec) == family:
                 resolver = old.route.resolver
             else:
-                resolver = Resolver(family, settings.dns_ttl,
-                                    on_lookup=self.metrics.service(str(spec.listen_port)).dns)
+                resolver = Resolver(family, settings.dns_ttl, on_lookup=self._dns_counter(str(spec.listen_port)))
             try:
                 target = config.allowlist.authorize(spec.address, spec.port, resolver)
             except NotAllowed as exc:
@@ -88,6 +88,10 @@ class Supervisor:
             plans[spec.listen_port] = Plan(spec, Route(target, resolver, spec.connect_timeout,
                                                        spec.idle_timeout))
         return plans
+
+    def _dns_counter(self, service: str) -> Callable[[bool], None]:
+        """Counts into the service's figures of the moment: a resolver outlives reloads, and they may renew them."""
+        return lambda ok: self.metrics.service(service).dns(ok)
 
     def _with_defaults(self, spec: ServiceSpec) -> ServiceSpec:
         settings = self.settings
@@ -121,6 +125,7 @@ class Supervisor:
                     server.close()
                 raise
         self._plans, self.servers = plans, servers
+        self.metrics.serving(str(port) for port in servers)
         for port, server in servers.items():
             server.start()
             log.info("listening on vsock port %d, forwarding to %s (allowed by %s), %d worker(s)",
@@ -183,6 +188,7 @@ class Supervisor:
             log.info("reload: listening on vsock port %d, forwarding to %s", port, plans[port].route.target)
         self._plans = plans
         self._retiring = [server for server in self._retiring if server.active_connections]
+        self.metrics.serving(str(port) for port in self.servers)
         log.info("reload applied: %d service(s)", len(self.servers))
         return True
 
