@@ -398,3 +398,34 @@ def test_series_of_a_removed_service_go_once_its_last_connection_ends_unless_it_
         second.close()
     wait_until(lambda: not served(5001), what="the removed service's series to go")
     assert sample(scrape(metrics), "vsockproxy_connections_accepted_total", service="5002") == 0
+
+
+# =========================================================================== the pool-full warning
+
+def test_a_pool_full_with_connections_waiting_is_one_warning_a_minute(tcp_supervisor, tcp_target, caplog,
+                                                                      monkeypatch):
+    caplog.set_level(logging.INFO, logger="vsockproxy")
+    monkeypatch.setattr(supervisor_module, "POOL_FULL_WARNING_AFTER", 0.3)
+    monkeypatch.setattr(supervisor_module, "POOL_FULL_CHECK_INTERVAL", 0.05)
+    target = tcp_target(echo)
+    supervisor = tcp_supervisor(services_yaml(target.port, [5001]), "-w", "1")
+    address = supervisor.addresses[5001]
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "busy" in r.getMessage()]
+
+    with connect(address) as holder:
+        assert echoes(holder, b"holding the only worker")
+        gevent.sleep(0.6)
+        assert warnings() == [], "warned with nobody waiting"
+        with connect(address) as waiter:
+            waiter.sendall(b"waiting")
+            wait_until(warnings, what="the pool-full warning")
+            gevent.sleep(0.6)
+            assert len(warnings()) == 1, warnings()
+            holder.close()
+            assert recv_exactly(waiter, 7) == b"waiting"
+    message = warnings()[0]
+    assert "vsock port 5001" in message and "1 worker" in message, message
+    assert "--num_workers" in message and "--idle-timeout" in message, message
+

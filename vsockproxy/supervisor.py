@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import select
 import signal
 import socket
+import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -29,6 +31,11 @@ from vsockproxy.server import ListenError, Route, VsockProxyServer, vsock_listen
 log = logging.getLogger("vsockproxy")
 
 STATUS_INTERVAL = 5.0
+#: A service whose workers have all been busy this long, with connections waiting, gets a warning...
+POOL_FULL_WARNING_AFTER = 10.0
+#: ...at most this often.
+POOL_FULL_WARNING_EVERY = 60.0
+POOL_FULL_CHECK_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -56,6 +63,7 @@ class Supervisor:
         self._retiring: list[VsockProxyServer] = []
         self._reload_lock = Semaphore()
         self._metrics_server: MetricsServer | None = None
+        self._pool_watcher: gevent.Greenlet | None = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -131,6 +139,7 @@ class Supervisor:
             log.info("listening on vsock port %d, forwarding to %s (allowed by %s), %d worker(s)",
                      port, plans[port].route.target, plans[port].route.target.allowed_by,
                      plans[port].spec.num_workers)
+        self._pool_watcher = gevent.spawn(self._watch_pools)
         self.notifier.ready(self.status())
 
     def _bind_all(self, plans) -> dict[int, VsockProxyServer]:
@@ -199,6 +208,8 @@ class Supervisor:
         log.info("stopping: listeners closed, waiting up to %gs for %d open connection(s)", grace, active)
         self.notifier.stopping(f"draining {active} connection(s)")
         gevent.joinall([gevent.spawn(server.stop, grace) for server in servers])
+        if self._pool_watcher is not None:
+            self._pool_watcher.kill()
         if self._metrics_server is not None:
             self._metrics_server.stop(timeout=0)
         log.info("stopped")
@@ -264,9 +275,36 @@ class Supervisor:
             gevent.sleep(STATUS_INTERVAL)
             self.notifier.send(STATUS=self.status())
 
+    def _watch_pools(self) -> None:
+        """Say when a service's workers have all been busy for long while connections wait for one.
+
+        The default of four workers lets four clients that keep their connections
+        open block everyone else, silently but for this warning.
+        """
+        quiet_until: dict[int, float] = {}
+        while True:
+            gevent.sleep(POOL_FULL_CHECK_INTERVAL)
+            for port, server in list(self.servers.items()):
+                busy_for, now = server.metrics.pool_full_for(), time.monotonic()
+                if (busy_for < POOL_FULL_WARNING_AFTER or now < quiet_until.get(port, 0.0)
+                        or not _connections_waiting(server.socket)):
+                    continue
+                quiet_until[port] = now + POOL_FULL_WARNING_EVERY
+                log.warning("vsock port %d: all %d worker(s) have been busy for %.0f s while connections wait "
+                            "in the listen backlog; raise --num_workers (or the service's num_workers), or set "
+                            "--idle-timeout so that idle connections give their worker up",
+                            port, server.num_workers, busy_for)
+
 
 def _family(spec: ServiceSpec) -> int:
     return socket.AF_INET if spec.ipv4 else socket.AF_INET6 if spec.ipv6 else socket.AF_UNSPEC
+
+
+def _connections_waiting(listener: socket.socket) -> bool:
+    """Whether the listen backlog holds a connection, i.e. the listener is readable now."""
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
