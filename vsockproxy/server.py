@@ -184,7 +184,9 @@ class VsockProxyServer(StreamServer):
             pool.kill(block=False)
 
     def stop_accepting(self) -> None:
-        if not self.closed and self.full():
+        if not self.started:  # closing: a listener that is gone keeps no pause open
+            self.metrics.pool_resumed()
+        elif self.full():
             self.metrics.pool_paused()
         super().stop_accepting()
 
@@ -240,6 +242,7 @@ class VsockProxyServer(StreamServer):
             return
         up = Flow(enclave, "enclave", upstream, "target")
         down = Flow(upstream, "target", enclave, "enclave")
+        metrics.relaying(up, down)
         ending = "shutdown"
         try:
             ending = relay(up, down, route.idle_timeout)
@@ -248,7 +251,7 @@ class VsockProxyServer(StreamServer):
                 _reset_on_close(enclave)
                 _reset_on_close(upstream)
             upstream.close()
-            metrics.closed(None if ending == "eof" else ending.split("(")[0], up.bytes, down.bytes)
+            metrics.closed(None if ending == "eof" else ending.split("(")[0], up, down)
             log.info("closed enclave=%s target=%s up=%d down=%d duration=%.3fs end=%s",
                      peer, endpoint, up.bytes, down.bytes, time.monotonic() - started, ending)
 

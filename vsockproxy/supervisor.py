@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import select
 import signal
 import socket
+import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
-from gevent.pywsgi import WSGIServer
 
 from vsockproxy.allowlist import ConfigError, NotAllowed, ServiceSpec, load_config
 from vsockproxy.metrics import Metrics
+from vsockproxy.metrics_server import MetricsServer, metrics_listener
 from vsockproxy.notify import Notifier
 from vsockproxy.resolver import Resolver
 from vsockproxy.server import ListenError, Route, VsockProxyServer, vsock_listener
@@ -30,6 +32,11 @@ from vsockproxy.server import ListenError, Route, VsockProxyServer, vsock_listen
 log = logging.getLogger("vsockproxy")
 
 STATUS_INTERVAL = 5.0
+#: A service whose workers have all been busy this long, with connections waiting, gets a warning...
+POOL_FULL_WARNING_AFTER = 10.0
+#: ...at most this often.
+POOL_FULL_WARNING_EVERY = 60.0
+POOL_FULL_CHECK_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -58,7 +65,8 @@ class Supervisor:
         self._reload_lock = Semaphore()
         self._reload_pending = False
         self._stopping = Event()
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._pool_watcher: gevent.Greenlet | None = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -83,8 +91,7 @@ class Supervisor:
             if old is not None and _family(old.spec) == family:
                 resolver = old.route.resolver
             else:
-                resolver = Resolver(family, settings.dns_ttl,
-                                    on_lookup=self.metrics.service(str(spec.listen_port)).dns)
+                resolver = Resolver(family, settings.dns_ttl, on_lookup=self._dns_counter(str(spec.listen_port)))
             try:
                 target = config.allowlist.authorize(spec.address, spec.port, resolver)
             except NotAllowed as exc:
@@ -92,6 +99,10 @@ class Supervisor:
             plans[spec.listen_port] = Plan(spec, Route(target, resolver, spec.connect_timeout,
                                                        spec.idle_timeout))
         return plans
+
+    def _dns_counter(self, service: str) -> Callable[[bool], None]:
+        """Counts into the service's figures of the moment: a resolver outlives reloads, and they may renew them."""
+        return lambda ok: self.metrics.service(service).dns(ok)
 
     def _with_defaults(self, spec: ServiceSpec) -> ServiceSpec:
         settings = self.settings
@@ -125,11 +136,13 @@ class Supervisor:
                     server.close()
                 raise
         self._plans, self.servers = plans, servers
+        self.metrics.serving(str(port) for port in servers)
         for port, server in servers.items():
             server.start()
             log.info("listening on vsock port %d, forwarding to %s (allowed by %s), %d worker(s)",
                      port, plans[port].route.target, plans[port].route.target.allowed_by,
                      plans[port].spec.num_workers)
+        self._pool_watcher = gevent.spawn(self._watch_pools)
         self.notifier.ready(self.status())
 
     def _bind_all(self, plans) -> dict[int, VsockProxyServer]:
@@ -146,11 +159,11 @@ class Supervisor:
     def _start_metrics(self, address: str) -> None:
         host, port = parse_host_port(address)
         try:
-            self._metrics_server = WSGIServer((host, port), self.metrics.wsgi_app(), log=None, error_log=log)
-            self._metrics_server.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise StartupError(f"cannot serve metrics on {address}: {reason}") from None
+            listener = metrics_listener(host, port)
+        except OSError as exc:  # socket.gaierror too: its strerror is the resolver's message
+            raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        self._metrics_server = MetricsServer(listener, self.metrics.registry)
+        self._metrics_server.start()
         log.info("metrics on http://%s/metrics", address)
 
     def reload(self) -> bool:
@@ -196,6 +209,7 @@ class Supervisor:
             log.info("reload: listening on vsock port %d, forwarding to %s", port, plans[port].route.target)
         self._plans = plans
         self._retiring = [server for server in self._retiring if server.active_connections]
+        self.metrics.serving(str(port) for port in self.servers)
         log.info("reload applied: %d service(s)", len(self.servers))
         return True
 
@@ -212,6 +226,8 @@ class Supervisor:
         log.info("stopping: listeners closed, waiting up to %gs for %d open connection(s)", grace, active)
         self.notifier.stopping(f"draining {active} connection(s)")
         gevent.joinall([gevent.spawn(server.stop, grace) for server in servers])
+        if self._pool_watcher is not None:
+            self._pool_watcher.kill()
         if self._metrics_server is not None:
             self._metrics_server.stop(timeout=0)
         log.info("stopped")
@@ -290,9 +306,36 @@ class Supervisor:
             gevent.sleep(STATUS_INTERVAL)
             self.notifier.send(STATUS=self.status())
 
+    def _watch_pools(self) -> None:
+        """Say when a service's workers have all been busy for long while connections wait for one.
+
+        The default of four workers lets four clients that keep their connections
+        open block everyone else, silently but for this warning.
+        """
+        quiet_until: dict[int, float] = {}
+        while True:
+            gevent.sleep(POOL_FULL_CHECK_INTERVAL)
+            for port, server in list(self.servers.items()):
+                busy_for, now = server.metrics.pool_full_for(), time.monotonic()
+                if (busy_for < POOL_FULL_WARNING_AFTER or now < quiet_until.get(port, 0.0)
+                        or not _connections_waiting(server.socket)):
+                    continue
+                quiet_until[port] = now + POOL_FULL_WARNING_EVERY
+                log.warning("vsock port %d: all %d worker(s) have been busy for %.0f s while connections wait "
+                            "in the listen backlog; raise --num_workers (or the service's num_workers), or set "
+                            "--idle-timeout so that idle connections give their worker up",
+                            port, server.num_workers, busy_for)
+
 
 def _family(spec: ServiceSpec) -> int:
     return socket.AF_INET if spec.ipv4 else socket.AF_INET6 if spec.ipv6 else socket.AF_UNSPEC
+
+
+def _connections_waiting(listener: socket.socket) -> bool:
+    """Whether the listen backlog holds a connection, i.e. the listener is readable now."""
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
