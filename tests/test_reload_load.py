@@ -3,8 +3,9 @@
 Reading the allowlist is CPU work that holds the GIL, so the proxy does it in a child process on
 reload.  Checked here: end to end on the stand-in proxy (the real CLI on a TCP listener, see
 tests/test_faults.py), a client's ping-pong keeps its latency while a large file is reloaded; files
-past a bound (nesting, values, entries, services) are one error line at start-up and on reload; and
-the child-process loader itself turns every way a child can fail into one ConfigError.
+past a bound (nesting, values, entries, services) or with merge keys are one error line at start-up
+and on reload; and the child-process loader itself turns every way a child can fail into one
+ConfigError.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def thread_target():
 
 
 def large_allowlist(target_port: int, valid: bool) -> str:
-    """The target's entry, then 5,000 more (about 230 KB); if not valid, a last one with port 0."""
+    """The target's entry, then 5,000 more (about 225 KB); if not valid, a last one with port 0."""
     lines = ["allowlist:", f"- {{address: 127.0.0.1, port: {target_port}}}"]
     lines += [f"- {{address: host{index}.example.com, port: 443}}" for index in range(ENTRIES)]
     if not valid:
@@ -148,7 +149,7 @@ def test_reloading_a_large_allowlist_does_not_stall_open_connections(tmp_path, t
 
 
 BOMBS = {
-    # Each one is 256 KiB at most, so only the bounds on nesting and values stop it.
+    # Each one fits in 256 KiB, so only the bounds on nesting and values, or the refusal of merge keys, stop it.
     "flow-nesting-100000": ("[" * 100_000 + "]" * 100_000, f"nested more than {MAX_DEPTH} levels deep at line 1"),
     "allowlist-nesting-100000": ("allowlist: " + "[" * 100_000, f"nested more than {MAX_DEPTH} levels deep"),
     "block-nesting-700": ("".join(f"{' ' * level}a:\n" for level in range(700)),
