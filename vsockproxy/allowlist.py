@@ -15,6 +15,9 @@ addresses an entry still admits are used.
 
 The same file may also list ``services:`` (several listeners in one process);
 each service's target must pass the allowlist like a command-line target.
+
+Reading a file is bounded (its size, nesting, number of values, entries and
+services), so that no file costs more than about a second of CPU.
 """
 
 from __future__ import annotations
@@ -24,15 +27,26 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from vsockproxy.hostnames import HostError, IPAddress, canonical_host, canonical_name, parse_ip, short_repr
 from vsockproxy.resolver import Endpoint, ResolveError, Resolver
 
-MAX_FILE_BYTES = 256 * 1024  # upstream's KMS list is 5 KiB; this bounds a reload's parse
 MAX_VSOCK_PORT = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_PORT_ANY
+
+# Bounds on the work one file can cause, so that a bad file costs a reload at most a second or so of
+# (native) CPU.  An allowlist needs 4 levels of nesting and about 6 YAML values per entry.
+MAX_FILE_BYTES = 256 * 1024  # upstream's KMS list is 5 KiB; this fits ~11,000 entries `- {address: a, port: 1}`
+MAX_DEPTH = 32               # lists and mappings inside each other
+MAX_NODES = 100_000          # YAML values (scalars, lists, mappings, aliases); a full file of entries has 55,000
+MAX_ENTRIES = 20_000         # more than fit in MAX_FILE_BYTES without aliases
+MAX_SERVICES = 1_000         # each one is a listener, a worker pool and an authorize() pass
+
+# libyaml (in PyYAML's wheels) parses about ten times faster than the pure-Python reader, and it is
+# what upstream's serde_yaml is ported from.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(Exception):
@@ -188,32 +202,63 @@ def load_config(path: str) -> ProxyConfig:
 
 
 def parse_yaml(data: bytes | str, source: str) -> Any:
-    """``yaml.safe_load``, after refusing what YAML readers disagree on; one-line ConfigErrors."""
+    """``yaml.safe_load`` within the bounds, after refusing what YAML readers disagree on; one-line ConfigErrors."""
     try:
-        _refuse_ambiguities(yaml.compose(data, Loader=yaml.SafeLoader), source)
-        return yaml.safe_load(data)
+        _refuse_oversized(data, source)
+        loader = _LOADER(data)
+        try:
+            root = loader.get_single_node()
+            _refuse_ambiguities(root, source)
+            return None if root is None else loader.construct_document(root)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
+        if exc.problem == "exceeded maximum nesting depth" and exc.problem_mark:
+            # libyaml's own limit (1000), met while it scans ahead of the events on one long line
+            raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep at line "
+                              f"{exc.problem_mark.line + 1}") from None
         where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" \
             if exc.problem_mark else ""
         problem = " ".join(str(exc.problem or exc.context).split())
         raise ConfigError(f"{source}: not valid YAML: {problem}{where}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         # PyYAML's constructors raise these for values such as `!!int abc` or 5,000-digit numbers.
         raise ConfigError(f"{source}: not valid YAML: bad value: {short_repr(str(exc))}") from None
+
+
+def _refuse_oversized(data: bytes | str, source: str) -> None:
+    """Refuse deep nesting and too many values, from the event stream, before anything recursive runs.
+
+    Composing is recursive (in C with libyaml, where running out of stack is a crash, not an
+    exception), so the depth must be known first; the events come from an iterative parser.
+    """
+    depth = nodes = 0
+    for event in yaml.parse(data, Loader=_LOADER):
+        if isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        elif isinstance(event, yaml.NodeEvent):  # a scalar, an alias, or the start of a list or mapping
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise ConfigError(f"{source}: more than {MAX_NODES} YAML values (an allowlist entry has about 6)")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep at line "
+                                      f"{event.start_mark.line + 1}")
 
 
 _PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)|0x[0-9a-fA-F]+")
 
 
 def _refuse_ambiguities(root: yaml.Node | None, source: str) -> None:
-    """Refuse duplicate keys and integers that YAML 1.1 (PyYAML) and 1.2 (upstream) read differently.
+    """Refuse duplicate keys, merge keys and integers that YAML 1.1 (PyYAML) and 1.2 (upstream) read differently.
 
     ``port: 0443`` is 291 to YAML 1.1 but 443 to YAML 1.2; ``7:23`` and ``4_43``
-    are 443 to one and strings to the other.  A gate must not mean two things.
+    are 443 to one and strings to the other.  A gate must not mean two things.  Nor may the
+    merge key ``<<``: a merge to PyYAML, a plain key to YAML 1.2; it also lets each of N entries
+    copy a mapping of N keys, N squared work from a small file.
     """
     stack = [root] if root is not None else []
     seen: set[int] = set()
@@ -229,7 +274,10 @@ def _refuse_ambiguities(root: yaml.Node | None, source: str) -> None:
         elif isinstance(node, yaml.MappingNode):
             keys: set[str] = set()
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if isinstance(key, yaml.ScalarNode):
+                    if key.tag == "tag:yaml.org,2002:merge":
+                        raise ConfigError(f"{source}: merge key '<<' at line {key.start_mark.line + 1}: "
+                                          f"write the keys out")
                     if key.value in keys:
                         raise ConfigError(f"{source}: duplicate key {short_repr(key.value)} at line "
                                           f"{key.start_mark.line + 1}")
@@ -252,11 +300,16 @@ def parse_config(document: Any, source: str) -> ProxyConfig:
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: 'allowlist' must be a list of {{address, port}} entries, "
                           f"found {_kind(entries)}")
-    allowlist = Allowlist(tuple(_parse_rule(entry, f"{source}: allowlist entry {index}")
+    if len(entries) > MAX_ENTRIES:
+        raise ConfigError(f"{source}: {len(entries)} allowlist entries, more than the {MAX_ENTRIES} allowed")
+    port_lists: dict[int, frozenset[int]] = {}
+    allowlist = Allowlist(tuple(_parse_rule(entry, f"{source}: allowlist entry {index}", port_lists)
                                 for index, entry in enumerate(entries, 1)), source)
     services = document.get("services", [])
     if not isinstance(services, list):
         raise ConfigError(f"{source}: 'services' must be a list, found {_kind(services)}")
+    if len(services) > MAX_SERVICES:
+        raise ConfigError(f"{source}: {len(services)} services, more than the {MAX_SERVICES} allowed")
     specs = tuple(_parse_service(entry, f"{source}: service {index}") for index, entry in enumerate(services, 1))
     seen: dict[int, int] = {}
     for index, spec in enumerate(specs, 1):
@@ -319,7 +372,7 @@ def _seconds(value: Any, where: str, zero_ok: bool) -> float:
     return float(value)
 
 
-def _parse_rule(entry: Any, where: str) -> Rule:
+def _parse_rule(entry: Any, where: str, port_lists: dict[int, frozenset[int]]) -> Rule:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a mapping with 'address' and 'port', found {_kind(entry)}")
     unknown = [key for key in entry if key not in ("address", "port")]
@@ -328,7 +381,7 @@ def _parse_rule(entry: Any, where: str) -> Rule:
     for key in ("address", "port"):
         if key not in entry:
             raise ConfigError(f"{where}: missing '{key}'")
-    ports = frozenset(_parse_ports(entry["port"], where))
+    ports = _parse_ports(entry["port"], where, port_lists)
     address = entry["address"]
     if not isinstance(address, str):
         raise ConfigError(f"{where}: address must be a string, found {_kind(address)}")
@@ -349,11 +402,19 @@ def _rule_for_address(address: str, ports: frozenset[int]) -> Rule:
     return Rule(address, ports, name=canonical_name(address))
 
 
-def _parse_ports(value: Any, where: str) -> Iterable[int]:
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise ConfigError(f"{where}: port list is empty")
-    return [_integer(port, 1, 65535, f"{where}: port") for port in values]
+def _parse_ports(value: Any, where: str, port_lists: dict[int, frozenset[int]]) -> frozenset[int]:
+    """The entry's ports; a list that YAML aliases share (``port: *web``) is checked only once.
+
+    Otherwise a list of thousands of ports, aliased by thousands of entries, would cost their product.
+    """
+    if not isinstance(value, list):
+        return frozenset([_integer(value, 1, 65535, f"{where}: port")])
+    ports = port_lists.get(id(value))
+    if ports is None:
+        if not value:
+            raise ConfigError(f"{where}: port list is empty")
+        ports = port_lists[id(value)] = frozenset(_integer(port, 1, 65535, f"{where}: port") for port in value)
+    return ports
 
 
 def _host_port(host: str, port: object) -> str:

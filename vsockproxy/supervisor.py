@@ -22,7 +22,8 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from vsockproxy.allowlist import ConfigError, NotAllowed, ServiceSpec, load_config
+from vsockproxy.allowlist import ConfigError, NotAllowed, ProxyConfig, ServiceSpec, load_config
+from vsockproxy.loader import load_config_in_child
 from vsockproxy.metrics import Metrics
 from vsockproxy.metrics_server import MetricsServer, metrics_listener
 from vsockproxy.notify import Notifier
@@ -70,10 +71,13 @@ class Supervisor:
 
     # -- configuration -------------------------------------------------------------------------
 
-    def plan(self) -> dict[int, Plan]:
-        """Read the file and authorize every service; raises ConfigError, NotAllowed or StartupError."""
+    def plan(self, load: Callable[[str], ProxyConfig] = load_config) -> dict[int, Plan]:
+        """Read the file with ``load`` and authorize every service; raises ConfigError, NotAllowed or StartupError.
+
+        Start-up reads it in this process (nothing to stall yet), a reload in a child process.
+        """
         settings = self.settings
-        config = load_config(settings.config)
+        config = load(settings.config)
         specs = [self._with_defaults(spec) for spec in config.services]
         if settings.local_port is not None:
             if any(spec.listen_port == settings.local_port for spec in specs):
@@ -182,7 +186,7 @@ class Supervisor:
 
     def _reload(self) -> bool:
         try:
-            plans = self.plan()
+            plans = self.plan(load_config_in_child)
             added = self._bind_all(plan for port, plan in plans.items() if port not in self.servers)
         except (ConfigError, NotAllowed, StartupError, ListenError) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
