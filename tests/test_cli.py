@@ -1,6 +1,6 @@
 """The ``vsock-proxy`` command line: flags, env vars, settings file, one-line errors, exit codes.
 
-Every test here either parses in-process (``parse_settings``) or runs a subprocess
+Every test here either parses in-process (``parse_arguments``) or runs a subprocess
 that exits before it would listen; the real listener is tested in test_vsock_listen.py.
 """
 
@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from tests.conftest import assert_one_line_error, cli_env
+from tests.helpers import assert_one_line_error, cli_env
 from vsockproxy import __version__
-from vsockproxy.cli import parse_settings
+from vsockproxy.cli import parse_arguments
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -106,7 +106,7 @@ BAD_VALUES = [
 def test_bad_values_are_usage_errors(capsys, args, needle):
     """In-process, every bad value: SystemExit(2) and exactly one stderr line naming the problem."""
     with pytest.raises(SystemExit) as excinfo:
-        parse_settings(args)
+        parse_arguments(args)
     assert excinfo.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -233,7 +233,7 @@ def settings_file(tmp_path):
 
 
 def test_defaults():
-    settings = parse_settings(POSITIONALS)
+    settings = parse_arguments(POSITIONALS)
     assert (settings.local_port, settings.remote_addr, settings.remote_port) == (int(LOCAL_PORT), "127.0.0.1", 9000)
     assert settings.num_workers == 4
     assert settings.ipv4 is False and settings.ipv6 is False
@@ -244,31 +244,31 @@ def test_defaults():
 
 
 def test_long_and_short_flags():
-    settings = parse_settings(["-4", "-w", "9", "--config", "/x.yaml", "--cid", "3", "--backlog", "2048",
+    settings = parse_arguments(["-4", "-w", "9", "--config", "/x.yaml", "--cid", "3", "--backlog", "2048",
                                "--log-level", "DEBUG", *POSITIONALS])
     assert settings.ipv4 and not settings.ipv6
     assert (settings.num_workers, settings.config, settings.cid, settings.backlog, settings.log_level) == \
         (9, "/x.yaml", 3, 2048, "debug")
-    settings = parse_settings(["--ipv6", "--num_workers", "2", "--cid", "any", *POSITIONALS])
+    settings = parse_arguments(["--ipv6", "--num_workers", "2", "--cid", "any", *POSITIONALS])
     assert settings.ipv6 and settings.num_workers == 2 and settings.cid == socket.VMADDR_CID_ANY
 
 
 def test_settings_file_beats_defaults(settings_file):
-    settings = parse_settings(["--settings", settings_file, *POSITIONALS])
+    settings = parse_arguments(["--settings", settings_file, *POSITIONALS])
     assert (settings.num_workers, settings.backlog, settings.log_level, settings.cid, settings.config) == \
         (5, 555, "warning", 7, "/from/settings.yaml")
 
 
 def test_settings_file_from_env(monkeypatch, settings_file):
     monkeypatch.setenv("VSOCK_PROXY_SETTINGS", settings_file)
-    assert parse_settings(POSITIONALS).num_workers == 5
+    assert parse_arguments(POSITIONALS).num_workers == 5
 
 
 def test_env_beats_settings_file(monkeypatch, settings_file):
     monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "6")
     monkeypatch.setenv("VSOCK_PROXY_LOG_LEVEL", "error")
     monkeypatch.setenv("VSOCK_PROXY_CONFIG", "/from/env.yaml")
-    settings = parse_settings(["--settings", settings_file, *POSITIONALS])
+    settings = parse_arguments(["--settings", settings_file, *POSITIONALS])
     assert (settings.num_workers, settings.log_level, settings.config) == (6, "error", "/from/env.yaml")
     assert settings.backlog == 555  # not in env: the settings file still counts
 
@@ -276,7 +276,7 @@ def test_env_beats_settings_file(monkeypatch, settings_file):
 def test_cli_beats_env_and_settings_file(monkeypatch, settings_file):
     monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "6")
     monkeypatch.setenv("VSOCK_PROXY_CID", "8")
-    settings = parse_settings(["--settings", settings_file, "-w", "7", "--cid", "9", *POSITIONALS])
+    settings = parse_arguments(["--settings", settings_file, "-w", "7", "--cid", "9", *POSITIONALS])
     assert (settings.num_workers, settings.cid, settings.backlog) == (7, 9, 555)
 
 
@@ -284,7 +284,7 @@ def test_env_beats_default(monkeypatch):
     monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "3")
     monkeypatch.setenv("VSOCK_PROXY_BACKLOG", "2048")
     monkeypatch.setenv("VSOCK_PROXY_IPV6", "true")
-    settings = parse_settings(POSITIONALS)
+    settings = parse_arguments(POSITIONALS)
     assert (settings.num_workers, settings.backlog, settings.ipv6) == (3, 2048, True)
 
 
@@ -292,18 +292,18 @@ def test_env_beats_default(monkeypatch):
                                              ("false", False), ("0", False), ("no", False)])
 def test_boolean_env_values(monkeypatch, value, expected):
     monkeypatch.setenv("VSOCK_PROXY_IPV4", value)
-    assert parse_settings(POSITIONALS).ipv4 is expected
+    assert parse_arguments(POSITIONALS).ipv4 is expected
 
 
 def test_family_flag_on_cli_overrides_the_other_family_from_env(monkeypatch):
     monkeypatch.setenv("VSOCK_PROXY_IPV4", "1")
-    settings = parse_settings(["-6", *POSITIONALS])
+    settings = parse_arguments(["-6", *POSITIONALS])
     assert settings.ipv6 and not settings.ipv4
 
 
 def test_parse_errors_are_system_exit_2_with_one_line(capsys):
     with pytest.raises(SystemExit) as excinfo:
-        parse_settings(["-w", "0", *POSITIONALS])
+        parse_arguments(["-w", "0", *POSITIONALS])
     assert excinfo.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "num_workers" in err and "Traceback" not in err

@@ -22,14 +22,12 @@ import pytest
 from prometheus_client import generate_latest
 
 import vsockproxy.supervisor as supervisor_module
-from tests.conftest import echo, no_dns, parse_allowlist, recv_all, recv_exactly, unused_tcp_port, wait_until
+from tests.helpers import TcpListeners, echo, route_to, supervisor_for, no_dns, parse_allowlist, recv_all, recv_exactly, unused_tcp_port, wait_until
 from tests.test_faults import blocking_echo, problems_in, stand_in, thread_target  # noqa: F401 (fixtures)
-from tests.test_vsock_listen import free_vsock_port
-from vsockproxy.cli import parse_settings
+from tests.helpers import free_vsock_port
 from vsockproxy.metrics import Metrics
 from vsockproxy.resolver import Resolver
-from vsockproxy.server import Route, VsockProxyServer
-from vsockproxy.supervisor import Supervisor
+from vsockproxy.server import VsockProxyServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -105,13 +103,13 @@ def metered_proxy(tcp_target):
         target = tcp_target(echo)
         allowlist = parse_allowlist({"allowlist": [{"address": "127.0.0.1", "port": target.port}]}, "test.yaml")
         resolver = Resolver(getaddrinfo=no_dns)
-        route = Route(allowlist.authorize("127.0.0.1", target.port, resolver), resolver, 2.0)
+        route = route_to(allowlist.authorize("127.0.0.1", target.port, resolver), resolver)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         listener.setblocking(False)
         metrics = Metrics()
-        server = VsockProxyServer(route, num_workers=num_workers, metrics=metrics.service("5005"), listener=listener)
+        server = VsockProxyServer(listener, route, num_workers=num_workers, metrics=metrics.service("5005"))
         server.start()
         started.append((server, listener))
         return server, metrics, listener.getsockname()
@@ -135,25 +133,15 @@ def echoes(client, payload: bytes) -> bool:
 def tcp_supervisor(monkeypatch, tmp_path):
     """``tcp_supervisor(yaml, *options)``: a started Supervisor whose vsock listeners are TCP ones;
     ``.rewrite(yaml)`` changes its file, ``.addresses[vsock_port]`` is where each one listens."""
-    addresses: dict[int, tuple] = {}
-
-    def tcp_listener(cid: int, port: int, backlog: int) -> socket.socket:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(backlog)
-        listener.setblocking(False)
-        addresses[port] = listener.getsockname()
-        return listener
-
-    monkeypatch.setattr(supervisor_module, "vsock_listener", tcp_listener)
+    listeners = TcpListeners()
     config = tmp_path / "vsock-proxy.yaml"
-    started: list[Supervisor] = []
+    started = []
 
-    def start(yaml: str, *options: str) -> Supervisor:
+    def start(yaml: str, *options: str):
         config.write_text(yaml)
-        supervisor = Supervisor(parse_settings(["--config", str(config), *options]))
+        supervisor = supervisor_for(["--config", str(config), *options], listeners)
         supervisor.start()
-        supervisor.addresses = addresses
+        supervisor.addresses = listeners.addresses
         supervisor.rewrite = config.write_text
         started.append(supervisor)
         return supervisor

@@ -9,7 +9,7 @@ import time
 import gevent
 import pytest
 
-from tests.conftest import FakeDNS, no_dns
+from tests.helpers import FakeDNS, no_dns
 from vsockproxy.resolver import Endpoint, ResolveError, Resolver
 
 

@@ -2,8 +2,8 @@
 
 Parsing and checking the YAML file is pure CPU work that holds the GIL (PyYAML releases it
 nowhere), so neither the event loop nor a thread can do it without stopping every relay for
-as long as it takes.  A child process runs the very ``load_config()`` that start-up runs,
-sends back the pickled ProxyConfig or the ConfigError's message, and exits; the parent waits
+as long as it takes.  A child process runs the very ``load_file()`` that start-up runs,
+sends back the pickled FileConfig or the ConfigError's message, and exits; the parent waits
 on the pipe cooperatively.  A child that dies, or takes longer than the deadline (it is then
 killed), becomes one ConfigError line like any other fault of the file.
 """
@@ -18,9 +18,9 @@ from typing import NoReturn
 import gevent
 import gevent.os
 
-from vsockproxy.allowlist import ConfigError, ProxyConfig, load_config
+from vsockproxy.config import ConfigError, FileConfig, load_file
 
-#: How long the child may take.  The bounds in allowlist.py keep a file to about a second of
+#: How long the child may take.  The bounds in config.py keep a file to about a second of
 #: native CPU; emulated machines (such as the TCG test VM) are some 30 times slower.
 LOAD_DEADLINE = 120.0
 
@@ -29,8 +29,8 @@ LOAD_DEADLINE = 120.0
 _PARENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
-def load_config_in_child(path: str, deadline: float = LOAD_DEADLINE) -> ProxyConfig:
-    """``load_config(path)``, run in a child process while this greenlet waits; raises ConfigError."""
+def load_file_in_child(path: str, deadline: float = LOAD_DEADLINE) -> FileConfig:
+    """``load_file(path)``, run in a child process while this greenlet waits; raises ConfigError."""
     try:
         read_fd, write_fd = os.pipe()
     except OSError as exc:
@@ -72,7 +72,7 @@ def _child(path: str, read_fd: int, write_fd: int) -> NoReturn:
         for signum in _PARENT_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         try:
-            result: ProxyConfig | str = load_config(path)
+            result: FileConfig | str = load_file(path)
         except ConfigError as exc:
             result = str(exc)
         reply = memoryview(pickle.dumps(result, pickle.HIGHEST_PROTOCOL))

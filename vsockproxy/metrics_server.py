@@ -20,13 +20,11 @@ from http import HTTPStatus
 
 import gevent
 import gevent.socket
-from gevent.hub import get_hub
 from gevent.pool import Pool
-from gevent.server import StreamServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from vsockproxy.hostnames import short_repr
-from vsockproxy.server import TRANSIENT_ACCEPT_ERRORS, AcceptDeferred, describe_peer
+from vsockproxy.listen import AcceptingServer, describe_peer
 
 log = logging.getLogger("vsockproxy")
 
@@ -65,28 +63,14 @@ def metrics_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-class MetricsServer(StreamServer):
+class MetricsServer(AcceptingServer):
     """Answers each scrape with ``registry`` in Prometheus' text format, then closes the connection."""
+
+    log_prefix = "metrics: "
 
     def __init__(self, listener: socket.socket, registry: CollectorRegistry) -> None:
         super().__init__(listener, spawn=Pool(MAX_SCRAPES))
         self.registry = registry
-
-    def start(self) -> None:
-        hub = get_hub()
-        if AcceptDeferred not in hub.NOT_ERROR:
-            hub.NOT_ERROR = hub.NOT_ERROR + (AcceptDeferred,)
-        super().start()
-
-    def do_read(self):
-        """Accept like gevent does; running out of fds or memory is one line, and gevent backs off."""
-        try:
-            return super().do_read()
-        except OSError as exc:
-            if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
-                raise
-            log.warning("metrics: accept failed: %s; retrying in %.2f s", exc.strerror, self.delay)
-            raise AcceptDeferred(exc.strerror) from None
 
     def handle(self, client: socket.socket, address: object) -> None:
         """Answer one request; gevent closes ``client`` when this returns.  Never raises."""

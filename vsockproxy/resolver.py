@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 from gevent.event import AsyncResult
 import gevent.socket
 
-from vsockproxy.hostnames import IPAddress, parse_ip
+from vsockproxy.hostnames import IPAddress, host_port, parse_ip
 
 FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 
@@ -33,9 +33,7 @@ class Endpoint(NamedTuple):
     ip: IPAddress
 
     def __str__(self) -> str:
-        if self.family == socket.AF_INET6:
-            return f"[{self.sockaddr[0]}]:{self.sockaddr[1]}"
-        return f"{self.sockaddr[0]}:{self.sockaddr[1]}"
+        return host_port(self.sockaddr[0], self.sockaddr[1])
 
 
 class Resolver:

@@ -17,8 +17,8 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import IO_TIMEOUT, free_vsock_port, recv_exactly, vsock_connect
-from tests.conftest import echo
+from tests.e2e.vsock import IO_TIMEOUT, free_vsock_port, recv_exactly, vsock_connect
+from tests.helpers import echo
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import echo
-from tests.e2e.conftest import IO_TIMEOUT, START_TIMEOUT, free_vsock_port, recv_all, recv_exactly, vsock_connect
+from tests.helpers import echo
+from tests.e2e.vsock import IO_TIMEOUT, START_TIMEOUT, free_vsock_port, recv_all, recv_exactly, vsock_connect
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, recv_exactly, tracked
+from tests.helpers import assert_one_line_error, recv_exactly, tracked
 from tests.test_faults import StandInProxy, ThreadTarget, blocking_echo
 from vsockproxy import loader
-from vsockproxy.allowlist import (MAX_DEPTH, MAX_ENTRIES, MAX_NODES, MAX_SERVICES, ConfigError,
-                                  load_config)
+from vsockproxy.config import MAX_DEPTH, MAX_ENTRIES, MAX_NODES, MAX_SERVICES, ConfigError, load_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,7 +115,7 @@ def test_reloading_a_large_allowlist_does_not_stall_open_connections(tmp_path, t
         replace_file(config, large_allowlist(target.port, valid))
         started = time.perf_counter()
         try:
-            load_config(str(config))
+            load_file(str(config))
         except ConfigError:
             assert not valid
         parse_seconds = time.perf_counter() - started
@@ -130,7 +129,7 @@ def test_reloading_a_large_allowlist_does_not_stall_open_connections(tmp_path, t
         else:
             line = proxy.wait_for("reload rejected", timeout=60)
             assert f"reload rejected, keeping the running configuration: {config}: allowlist entry {ENTRIES + 2}: " \
-                   f"port 0 is out of range" in line, line
+                   f"port must be from 1 to 65535, got 0" in line, line
         reloaded = time.perf_counter()
         pings.wait_for_exchanges(len(pings.exchanges) + 50)
         pings.stop()
@@ -165,7 +164,7 @@ def test_a_merge_key_is_refused_since_upstream_reads_it_as_a_plain_key(tmp_path)
     path = tmp_path / "merge.yaml"
     path.write_text("allowlist:\n- &kms {address: kms.example, port: 443}\n- {<<: *kms, port: 8443}\n")
     with pytest.raises(ConfigError) as info:
-        load_config(str(path))
+        load_file(str(path))
     assert str(info.value) == f"{path}: merge key '<<' at line 3: write the keys out"
 
 
@@ -214,14 +213,14 @@ def test_the_entry_bound_refuses_only_entries_multiplied_by_aliases(tmp_path):
         size += len(lines[-1]) + 1
     path = tmp_path / "full.yaml"
     path.write_text("\n".join(lines) + "\n")
-    assert len(load_config(str(path)).allowlist.rules) == len(lines) - 1 > 8_000
+    assert len(load_file(str(path)).allowlist.rules) == len(lines) - 1 > 8_000
 
     aliases = "allowlist:\n- &e {address: a.example, port: 443}\n"
     path.write_text(aliases + "- *e\n" * (MAX_ENTRIES - 1))
-    assert len(load_config(str(path)).allowlist.rules) == MAX_ENTRIES
+    assert len(load_file(str(path)).allowlist.rules) == MAX_ENTRIES
     path.write_text(aliases + "- *e\n" * MAX_ENTRIES)
     with pytest.raises(ConfigError) as info:
-        load_config(str(path))
+        load_file(str(path))
     assert str(info.value) == f"{path}: {MAX_ENTRIES + 1} allowlist entries, more than the {MAX_ENTRIES} allowed"
 
 
@@ -230,11 +229,11 @@ def test_too_many_services_is_one_error_line(tmp_path):
     path.write_text("allowlist: [{address: a.example, port: 443}]\nservices:\n" + "".join(
         f"- {{listen_port: {port}, address: a.example, port: 443}}\n" for port in range(1, MAX_SERVICES + 2)))
     with pytest.raises(ConfigError) as info:
-        load_config(str(path))
+        load_file(str(path))
     assert str(info.value) == f"{path}: {MAX_SERVICES + 1} services, more than the {MAX_SERVICES} allowed"
     path.write_text("allowlist: [{address: a.example, port: 443}]\nservices:\n" + "".join(
         f"- {{listen_port: {port}, address: a.example, port: 443}}\n" for port in range(1, MAX_SERVICES + 1)))
-    assert len(load_config(str(path)).services) == MAX_SERVICES
+    assert len(load_file(str(path)).services) == MAX_SERVICES
 
 
 def test_an_aliased_port_list_is_checked_once_not_once_per_entry(tmp_path):
@@ -244,7 +243,7 @@ def test_an_aliased_port_list_is_checked_once_not_once_per_entry(tmp_path):
     path = tmp_path / "ports.yaml"
     path.write_text(f"allowlist:\n- {{address: host0.example, port: &ports [{ports}]}}\n"
                     + "".join(f"- {{address: host{index}.example, port: *ports}}\n" for index in range(1, 2000)))
-    rules = load_config(str(path)).allowlist.rules
+    rules = load_file(str(path)).allowlist.rules
     assert len(rules) == 2000 and rules[0].ports == frozenset(range(1, 2001))
     assert all(rule.ports is rules[0].ports for rule in rules)
 
@@ -276,16 +275,16 @@ def test_loader_answers_exactly_what_load_config_returns(tmp_path, no_children_l
     path = tmp_path / "allowlist.yaml"
     for text in (EVERY_KIND, large_allowlist(9, valid=True)):
         path.write_text(text)
-        assert loader.load_config_in_child(str(path)) == load_config(str(path))
+        assert loader.load_file_in_child(str(path)) == load_file(str(path))
     for text in (large_allowlist(9, valid=False), BOMBS["flow-nesting-100000"][0], "allowlist: [\n"):
         path.write_text(text)
         with pytest.raises(ConfigError) as in_child:
-            loader.load_config_in_child(str(path))
+            loader.load_file_in_child(str(path))
         with pytest.raises(ConfigError) as in_process:
-            load_config(str(path))
+            load_file(str(path))
         assert str(in_child.value) == str(in_process.value)
     with pytest.raises(ConfigError) as info:
-        loader.load_config_in_child(str(tmp_path / "missing.yaml"))
+        loader.load_file_in_child(str(tmp_path / "missing.yaml"))
     assert str(info.value) == f"{tmp_path / 'missing.yaml'}: no such file"
 
 
@@ -307,7 +306,7 @@ def _hangs(path: str):
     (_hangs, 0.5, "loading took longer than 0.5s; the loader process was stopped"),
 ], ids=["killed", "crashes", "hangs"])
 def test_a_failing_loader_process_is_one_config_error(monkeypatch, load, deadline, message, no_children_left):
-    monkeypatch.setattr(loader, "load_config", load)
+    monkeypatch.setattr(loader, "load_file", load)
     with pytest.raises(ConfigError) as info:
-        loader.load_config_in_child("/etc/vsock-proxy.yaml", deadline=deadline)
+        loader.load_file_in_child("/etc/vsock-proxy.yaml", deadline=deadline)
     assert str(info.value) == f"/etc/vsock-proxy.yaml: {message}"
