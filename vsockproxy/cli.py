@@ -22,6 +22,7 @@ import gevent
 
 from vsockproxy import __version__
 from vsockproxy.allowlist import MAX_VSOCK_PORT, ConfigError, NotAllowed
+from vsockproxy.check import run_check
 from vsockproxy.logs import configure_logging, one_line
 from vsockproxy.server import VMADDR_CID_ANY, ListenError
 from vsockproxy.supervisor import StartupError, Supervisor, parse_host_port
@@ -274,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level)
     if settings.log_level_warning:
         logging.getLogger("vsockproxy").warning("%s", settings.log_level_warning)
+    if settings.check:
+        return run_check(settings)
     raise_fd_limit()
     skip_greenlet_tree_tracking()
     try:
