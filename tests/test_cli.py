@@ -559,6 +559,16 @@ def test_a_setting_given_twice_is_refused(run_cli, tmp_path, text, needle):
     assert_one_line_error(run_cli("--settings", str(settings_file), *POSITIONALS), 2, needle, str(settings_file))
 
 
+@pytest.mark.parametrize("line", ["settings = /other.conf", "check = true", "help = true", "--version = 1"])
+def test_options_that_are_no_settings_are_refused_in_a_settings_file(run_cli, tmp_path, line):
+    """--settings there would never be read, --check would turn the service into a one-shot check."""
+    settings_file = tmp_path / "proxy.conf"
+    settings_file.write_text(f"num_workers = 2\n{line}\n")
+    key = line.split(" =")[0]
+    assert_one_line_error(run_cli("--settings", str(settings_file), *POSITIONALS), 2,
+                          f"{settings_file}: {key} is no setting")
+
+
 def test_help_has_no_dead_link_and_tells_the_settings_syntax(run_cli):
     text = run_cli("--help").stdout
     assert re.findall(r"\w+://\S+", text) == ["http://HOST:PORT/metrics"]

@@ -34,8 +34,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 RUST_LEVELS = {"off": "error", "error": "error", "warn": "warning", "info": "info", "debug": "debug",
                "trace": "debug"}
 RUST_TARGET = "vsock_proxy"  # upstream's crate: RUST_LOG=vsock_proxy=debug addresses it
-#: Options that are modes of one run, not settings: no environment variable, no settings-file key.
-MODE_OPTIONS = ("help", "version", "check")
+#: Options that are no settings: a settings file cannot hold them (--settings would be read too late).
+NOT_SETTINGS = ("settings", "check", "help", "version")
 
 
 class SettingsFileParser(configargparse.DefaultConfigFileParser):
@@ -43,8 +43,8 @@ class SettingsFileParser(configargparse.DefaultConfigFileParser):
 
     def get_syntax_description(self) -> str:
         return ("Settings file syntax: one 'option = value' line per setting, the option's long name without "
-                "'--', with '-' or '_' alike (num_workers = 16, connect-timeout = 5, ipv4 = true); "
-                "'#' starts a comment.")
+                "'--', with '-' or '_' alike (num_workers = 16, connect-timeout = 5, ipv4 = true), each "
+                "at most once; '#' starts a comment; all options but settings, check, help and version.")
 
     def parse(self, stream) -> dict:
         lines = _NamedLines(stream)
@@ -53,11 +53,14 @@ class SettingsFileParser(configargparse.DefaultConfigFileParser):
         seen: dict[str, str] = {}
         for line in lines:
             for key in super().parse([line]):
-                first = seen.get(key.replace("-", "_"))
-                if first is not None:
+                setting = key.lstrip("-").replace("-", "_")
+                if setting in NOT_SETTINGS:
+                    raise configargparse.ConfigFileParserException(f"{lines.name}: {key} is no setting")
+                if setting in seen:
+                    first = seen[setting]
                     same = f"{key} is given twice" if first == key else f"{first} and {key} are the same setting"
                     raise configargparse.ConfigFileParserException(f"{lines.name}: {same}")
-                seen[key.replace("-", "_")] = key
+                seen[setting] = key
         return items
 
 
@@ -74,9 +77,7 @@ class OneLineParser(configargparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {one_line(message)} (see {PROG} --help)\n")
 
     def get_possible_config_keys(self, action: argparse.Action) -> list[str]:
-        """Settings-file keys: ``num_workers`` and ``num-workers`` alike; none for modes such as --check."""
-        if action.dest in MODE_OPTIONS:
-            return []
+        """Settings-file keys: ``num_workers`` and ``num-workers`` alike."""
         keys = super().get_possible_config_keys(action)
         bare = [key for key in keys if not key.startswith("-")]
         return keys + [other for key in bare for other in (key.replace("_", "-"), key.replace("-", "_"))
