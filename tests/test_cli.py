@@ -1,7 +1,10 @@
-"""The ``vsock-proxy`` command line: flags, env vars, settings file, one-line errors, exit codes.
+"""The ``vsock-proxy`` command line: flags, env vars, settings file, RUST_LOG, one-line errors, exit codes.
 
-Every test here either parses in-process (``parse_settings``) or runs a subprocess
-that exits before it would listen; the real listener is tested in test_vsock_listen.py.
+Most tests here parse in-process (``parse_settings``) or run a subprocess that
+exits before it would listen.  The few that start the real proxy (options among
+the positionals, RUST_LOG) only let it bind and listen on vsock, learn that it is
+ready from its sd_notify READY=1 on a Unix socket, and stop it with SIGTERM;
+nothing connects to it.  The listener itself is tested in test_vsock_listen.py.
 """
 
 from __future__ import annotations
