@@ -511,6 +511,17 @@ def test_dns_record_ttl_gives_up_within_its_lifetime_without_blocking_the_loop(s
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("contents", [None, "", "nameserver not-an-address\n"])
+def test_dns_record_ttl_without_a_usable_resolv_conf_is_none(tmp_path, hosts_file, contents):
+    """No DNS configured (a VM, a container): the answer is kept for --dns-ttl, and nothing is sent anywhere."""
+    resolv_conf = tmp_path / "resolv.conf"
+    if contents is not None:
+        resolv_conf.write_text(contents)
+    record_ttl = DnsRecordTtl(hosts_file=hosts_file, resolv_conf=str(resolv_conf), lifetime=2)
+    assert record_ttl("v4.test", socket.AF_INET) is None
+
+
+@pytest.mark.timeout(20)
 def test_resolver_keeps_an_answer_for_its_dns_ttl(stub_dns, hosts_file, caplog):
     """End to end: addresses from getaddrinfo (here FakeDNS), the TTL from the DNS stand-in."""
     caplog.set_level(logging.DEBUG, logger="vsockproxy")

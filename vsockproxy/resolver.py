@@ -21,7 +21,6 @@ import socket
 import time
 from typing import Callable, NamedTuple, Sequence
 
-import dns.exception
 import dns.resolver
 import gevent
 import gevent.socket
@@ -38,6 +37,7 @@ MIN_REUSE = 1.0
 #: How long one TTL query (one record type) may take before the answer is just kept for --dns-ttl.
 TTL_QUERY_LIFETIME = 5.0
 HOSTS_FILE = "/etc/hosts"
+RESOLV_CONF = "/etc/resolv.conf"
 
 
 class ResolveError(OSError):
@@ -67,10 +67,12 @@ class DnsRecordTtl:
     """
 
     def __init__(self, nameservers: Sequence[str] | None = None, port: int = 53, threads: int = 2,
-                 hosts_file: str = HOSTS_FILE, lifetime: float = TTL_QUERY_LIFETIME) -> None:
-        self.nameservers = list(nameservers) if nameservers is not None else None  # None: /etc/resolv.conf's
+                 hosts_file: str = HOSTS_FILE, resolv_conf: str = RESOLV_CONF,
+                 lifetime: float = TTL_QUERY_LIFETIME) -> None:
+        self.nameservers = list(nameservers) if nameservers is not None else None  # None: resolv_conf's
         self.port = port
         self.hosts_file = hosts_file
+        self.resolv_conf = resolv_conf
         self.lifetime = lifetime
         self._threads = threads
         self._pool: ThreadPool | None = None
@@ -85,24 +87,28 @@ class DnsRecordTtl:
         name = host.rstrip(".").lower()
         if name == "localhost" or name.endswith(".localhost") or name in _hosts_file_names(self.hosts_file):
             return None
-        if self.nameservers is None:
-            resolver = dns.resolver.Resolver()
-        else:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = self.nameservers
-            resolver.port = self.port
         rdtypes = {socket.AF_INET: ["A"], socket.AF_INET6: ["AAAA"]}.get(family, ["A", "AAAA"])
         ttls = []
-        for rdtype in rdtypes:
-            try:
-                answer = resolver.resolve(host, rdtype, search=True, lifetime=self.lifetime)
-            except dns.resolver.NoAnswer:  # e.g. no AAAA: getaddrinfo's answer has none either
-                continue
-            except (dns.exception.DNSException, OSError, ValueError) as exc:
-                log.debug("no DNS TTL for %s (%s): %s", host, rdtype, exc)
-                return None
-            ttls.append(answer.chaining_result.minimum_ttl)
+        try:
+            resolver = self._resolver()  # afresh: /etc/resolv.conf may have changed, as getaddrinfo sees it
+            for rdtype in rdtypes:
+                try:
+                    answer = resolver.resolve(host, rdtype, search=True, lifetime=self.lifetime)
+                except dns.resolver.NoAnswer:  # e.g. no AAAA: getaddrinfo's answer has none either
+                    continue
+                ttls.append(answer.chaining_result.minimum_ttl)
+        except Exception as exc:  # the TTL only refines the cache: no failure here may hurt resolving
+            log.debug("no DNS TTL for %s: %s", host, exc or type(exc).__name__)
+            return None
         return float(min(ttls)) if ttls else None
+
+    def _resolver(self) -> dns.resolver.Resolver:
+        if self.nameservers is None:
+            return dns.resolver.Resolver(filename=self.resolv_conf)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = self.nameservers
+        resolver.port = self.port
+        return resolver
 
 
 def _hosts_file_names(path: str) -> set[str]:
