@@ -21,7 +21,8 @@ PACKAGE = REPO / "vsockproxy"
 MAY_IMPORT = {
     "__init__": set(),
     "__main__": {"cli"},
-    "cli": {"__init__", "allowlist", "config", "listen", "logs", "supervisor"},
+    "cli": {"__init__", "allowlist", "check", "config", "listen", "logs", "supervisor"},
+    "check": {"allowlist", "config", "logs", "notify", "resolver", "supervisor"},
     "config": {"allowlist", "hostnames"},
     "loader": {"config"},
     "supervisor": {"allowlist", "config", "listen", "loader", "metrics", "metrics_server", "notify", "resolver",
