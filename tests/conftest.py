@@ -29,7 +29,7 @@ def _no_inherited_proxy_env(request, monkeypatch):
     if Path(str(request.node.path)).parent != Path(__file__).parent:
         return
     for name in list(os.environ):
-        if name.startswith("VSOCK_PROXY_"):
+        if name.startswith("VSOCK_PROXY_") or name == "RUST_LOG":
             monkeypatch.delenv(name)
 
 

@@ -58,7 +58,7 @@ def new_server(target, resolver, *, listener, num_workers: int = 4, connect_time
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for a ``python -m vsockproxy`` subprocess: repo importable, no stray settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VSOCK_PROXY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VSOCK_PROXY_") and k != "RUST_LOG"}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "250"  # argparse would otherwise wrap long words at hyphens
