@@ -336,3 +336,12 @@ def free_vsock_port() -> int:
         finally:
             probe.close()
     raise RuntimeError("no free vsock port found")
+
+
+def vsock_available() -> bool:
+    """Whether this kernel can make AF_VSOCK sockets (to bind and listen; never to connect here)."""
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+        return True
+    except (AttributeError, OSError):
+        return False

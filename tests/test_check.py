@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from tests.helpers import assert_one_line_error, cli_env, unused_tcp_port
+from tests.helpers import assert_one_line_error, cli_env, unused_tcp_port, vsock_available
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -128,14 +128,6 @@ def test_check_usage_errors_exit_2(run_cli, args, needle):
     assert_one_line_error(run_cli(*args, env=check_env()), 2, needle)
 
 
-def _vsock_available() -> bool:
-    try:
-        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
-        return True
-    except (AttributeError, OSError):
-        return False
-
-
 def bind_some_vsock_port(sock: socket.socket) -> int:
     """Bind (never connect) ``sock`` to a random free high vsock port; returns it."""
     for _ in range(20):
@@ -150,7 +142,7 @@ def bind_some_vsock_port(sock: socket.socket) -> int:
     raise AssertionError("no free vsock port found in 20 tries")
 
 
-@pytest.mark.skipif(not _vsock_available(), reason="no AF_VSOCK on this kernel")
+@pytest.mark.skipif(not vsock_available(), reason="no AF_VSOCK on this kernel")
 def test_check_runs_beside_the_proxy_it_replaces(run_cli, write_config, tcp_listener):
     """The vsock port is taken (as by upstream's running proxy) and NOTIFY_SOCKET is set: --check binds
     nothing, tells systemd nothing, and passes."""

@@ -21,7 +21,7 @@ import tempfile
 
 import pytest
 
-from tests.helpers import assert_one_line_error, cli_env
+from tests.helpers import assert_one_line_error, cli_env, vsock_available
 from vsockproxy import __version__
 from vsockproxy.cli import level_from_rust_log, parse_arguments
 
@@ -423,15 +423,7 @@ def test_positionals_after_an_option_are_checked_like_the_others(capsys, args, n
     assert needle in lines[0], lines[0]
 
 
-def _vsock_available() -> bool:
-    try:
-        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
-        return True
-    except (AttributeError, OSError):
-        return False
-
-
-needs_vsock = pytest.mark.skipif(not _vsock_available(), reason="no AF_VSOCK on this kernel")
+needs_vsock = pytest.mark.skipif(not vsock_available(), reason="no AF_VSOCK on this kernel")
 
 
 @pytest.fixture

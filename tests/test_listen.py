@@ -17,20 +17,12 @@ import time
 
 import pytest
 
-from tests.helpers import assert_one_line_error, free_vsock_port
+from tests.helpers import assert_one_line_error, free_vsock_port, vsock_available
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _vsock_available() -> bool:
-    try:
-        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
-        return True
-    except (AttributeError, OSError):
-        return False
-
-
-if not _vsock_available():
+if not vsock_available():
     pytest.skip("no AF_VSOCK on this kernel", allow_module_level=True)
 
 

@@ -142,3 +142,12 @@ class ProxyProcess(LoggedProcess):
     def stop(self, timeout: float = 60) -> int:
         self.signal()
         return self.finish(timeout=timeout)
+
+
+def refused(port: int) -> bool:
+    """Whether a vsock connect to ``port`` (CID 1, inside the VM) is refused."""
+    try:
+        vsock_connect(port, timeout=10).close()
+    except OSError:
+        return True
+    return False
