@@ -13,7 +13,7 @@ import gevent
 import gevent.socket
 import pytest
 
-from tests.helpers import recv_all, wait_until
+from tests.helpers import recv_all, recv_exactly, wait_until
 from vsockproxy.pipe import CHUNK_BYTES, FAIR_SHARE_BYTES, LARGE_BUFFERS, SMALL_BUFFERS, Flow, FreeList, PeerError, _unmap, pipe
 
 pytestmark = pytest.mark.timeout(30)
@@ -411,3 +411,32 @@ class AlwaysReady:
 
     def shutdown(self, how: int) -> None:
         pass
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_a_short_message_costs_one_read_and_eof_one_more(sockets, kind, monkeypatch):
+    """After a read that emptied the source, the pipe waits for it instead of reading again:
+    a read straight after would only say EAGAIN, one system call per message for nothing."""
+    unix_pair, tcp_pair = sockets
+    writer, flow, reader = rig(unix_pair if kind == "unix" else tcp_pair)
+    reads = []
+    real_readv = os.readv
+
+    def counting_readv(fd, buffers):
+        try:
+            result = real_readv(fd, buffers)
+        except BlockingIOError:
+            reads.append("EAGAIN")
+            raise
+        reads.append(result)
+        return result
+
+    monkeypatch.setattr("vsockproxy.pipe.os.readv", counting_readv)
+    worker = run_pipe(flow)
+    writer.sendall(b"hello")
+    assert recv_exactly(reader, 5) == b"hello"
+    wait_until(lambda: flow.bytes == 5)
+    gevent.sleep(0.1)  # the pipe is parked now, with the source empty
+    writer.shutdown(socket.SHUT_WR)
+    assert worker.get(timeout=10) is None
+    assert reads == [5, 0]

@@ -175,7 +175,8 @@ def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
     failures = []
     for endpoint in route.endpoints():
         try:
-            upstream = socket.socket(endpoint.family, socket.SOCK_STREAM)
+            # Non-blocking from birth (what the pipes want): one system call fewer than setblocking().
+            upstream = socket.socket(endpoint.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # out of fds or memory: this connection fails, the server does not
             raise ConnectError(f"cannot open a socket: {exc.strerror}") from None
         try:
@@ -193,12 +194,11 @@ def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
 
 
 def _connect_within(upstream: socket.socket, address: tuple, timeout: float) -> None:
-    """Connect a plain socket, left non-blocking for the pipes, parking the greenlet meanwhile.
+    """Connect a plain non-blocking socket, parking the greenlet meanwhile.
 
     gevent's socket wrapper would do the same wait, but builds two io watchers
     per socket that the pipes, which make their own, never use.
     """
-    upstream.setblocking(False)
     upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     upstream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     error = upstream.connect_ex(address)

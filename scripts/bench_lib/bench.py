@@ -1,8 +1,10 @@
-"""Side-by-side benchmark of vsock proxies: direct (no proxy), socat, socat -b 262144 and vsockproxy.
+"""Side-by-side benchmark of vsock proxies: direct (no proxy), socat, socat -b 262144 and vsockproxy,
+and AWS's own vsock-proxy ("upstream") when --upstream names where it is built.
 
-    scripts/bench [--transport host|vm] [--proxies direct,socat,socat-big,vsockproxy]
+    scripts/bench [--transport host|vm] [--proxies direct,socat,socat-big,vsockproxy,upstream]
                   [--proxy-cmd NAME=TEMPLATE ...] [--scenarios bulk-up,...] [--repeat 3]
                   [--smoke] [--set KEY=VALUE ...] [--load auto|c|python] [--json FILE]
+                  [--upstream DIR]
 
 Transports
   host  the enclave side is a TCP stand-in socket on 127.0.0.1 (native speed, runs anywhere);
@@ -28,6 +30,11 @@ A proxy is a command template, split like a shell line, with these placeholders:
   {workers}       the scenario's -w (100 for issue413, enough for every connection elsewhere)
   {backlog}       listen backlog to ask for (4096)
   {python}, {repo}, {transport}
+
+Upstream: --upstream DIR (or $VSOCKPROXY_UPSTREAM_DIR) adds the "upstream" row, from the two builds
+of upstream vsock-proxy that ../shared/tools/build-upstream makes: DIR/vsock-proxy-tcp (listens on TCP
+127.0.0.1, for the host transport) and DIR/vsock-proxy-anycid (vsock, listen CID any, for the VM).
+A missing binary drops the row with a one-line note.
 """
 
 from __future__ import annotations
@@ -66,6 +73,11 @@ BACKLOG = 4096
 TARGET_SCRIPT = REPO / "scripts" / "bench_lib" / "target.py"
 
 DEFAULT_PROXIES = ["direct", "socat", "socat-big", "vsockproxy"]
+UPSTREAM = "upstream"
+UPSTREAM_ENV = "VSOCKPROXY_UPSTREAM_DIR"
+#: The upstream build for each transport: TCP 127.0.0.1 on the host, vsock (listen CID any) in the VM.
+UPSTREAM_BINARIES = {"host": "vsock-proxy-tcp", "vm": "vsock-proxy-anycid"}
+UPSTREAM_TEMPLATE = "{binary} {{listen_port}} {{target_host}} {{target_port}} --config {{allowlist}} -w {{workers}}"
 TEMPLATES = {
     "socat": "socat {listen},reuseaddr,fork,backlog={backlog} TCP:{target}",
     "socat-big": "socat -b 262144 {listen},reuseaddr,fork,backlog={backlog} TCP:{target}",
@@ -876,6 +888,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="target server and connection load generators: C (bench_lib/fastload.c, built "
                              "with cc) or Python; auto: C when it builds (default)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure (and each run's) to FILE")
+    parser.add_argument("--upstream", metavar="DIR", default=os.environ.get(UPSTREAM_ENV) or None,
+                        help=f"add an '{UPSTREAM}' row: AWS's vsock-proxy, DIR/{UPSTREAM_BINARIES['host']} on the "
+                             f"host transport, DIR/{UPSTREAM_BINARIES['vm']} in the VM (default: ${UPSTREAM_ENV})")
     parser.add_argument("--vm-timeout", type=float, default=5400, help="vm transport: limit for the whole VM run "
                                                                           "in seconds (default: 5400)")
     parser.add_argument("--vm-mem", type=int, default=4096, help="vm transport: guest memory in MiB (default: 4096)")
@@ -890,8 +905,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         templates[name] = template
         if name not in DEFAULT_PROXIES:
             custom.append(name)
+    upstream = upstream_template(args.upstream, args.transport) if UPSTREAM not in templates else None
+    if upstream is not None:
+        templates[UPSTREAM] = upstream
+        custom.insert(0, UPSTREAM)
     args.proxies = (args.proxies.split(",") if args.proxies else DEFAULT_PROXIES + custom)
     args.proxies = [p for p in dict.fromkeys(n.strip() for n in args.proxies) if p]
+    if UPSTREAM in args.proxies and UPSTREAM not in templates:
+        if args.upstream is None:  # asked for by name, but never said where it is
+            log(f"{PROG}: note: no {UPSTREAM} row: give --upstream DIR or ${UPSTREAM_ENV}")
+        args.proxies.remove(UPSTREAM)
     unknown = [p for p in args.proxies if p != "direct" and p not in templates]
     if unknown or not args.proxies:
         parser.error(f"unknown proxy {', '.join(unknown) or '(none)'}; known: direct, {', '.join(templates)}")
@@ -921,6 +944,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def upstream_template(directory: str | None, transport: str) -> str | None:
+    """The command template of upstream's build for ``transport`` in ``directory``; None, with a note, if absent."""
+    if not directory:
+        return None
+    binary = Path(directory).resolve() / UPSTREAM_BINARIES[transport]
+    if not os.access(binary, os.X_OK):
+        log(f"{PROG}: note: no {UPSTREAM} row: {binary} is missing or not executable "
+            "(../shared/tools/build-upstream makes it)")
+        return None
+    return UPSTREAM_TEMPLATE.format(binary=shlex.quote(str(binary)))
+
+
 # --------------------------------------------------------------------------- the VM hop
 
 def run_bench_in_vm(argv: list[str], args: argparse.Namespace) -> int:
@@ -928,6 +963,8 @@ def run_bench_in_vm(argv: list[str], args: argparse.Namespace) -> int:
     ensure_socat(args.templates, args.proxies)
     if args.load != "python":
         fastload_binary()  # built on the host, where the cache is writable; the VM sees it read-only
+    if UPSTREAM in args.proxies and "--upstream" not in argv:  # from the environment, which stays outside
+        argv = [*argv, "--upstream", str(Path(args.upstream).resolve())]
     return run_in_vm(PROG, argv, args.json, ["--timeout", str(int(args.vm_timeout)), "--mem", str(args.vm_mem)])
 
 
