@@ -209,10 +209,6 @@ def _connect_within(upstream: socket.socket, address: tuple, timeout: float) -> 
         raise OSError(error, os.strerror(error))
 
 
-#: SO_LINGER on with a zero timeout: close() sends a reset instead of a FIN.
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
 def _reset_on_close(sock: socket.socket) -> None:
     """Make the coming close a TCP reset, so that a peer still receiving sees an error, not a clean end.
 
