@@ -11,7 +11,8 @@ is 127.0.0.1, and a plain HTTP server on port 443 stands in for KMS.  All of thi
 the VM's throw-away writable layer.
 
 The tests run in order, on one service: start (with a SIGHUP while the shell still looks
-up the region), a request, the journal, metrics, the services: file, reload, drain-on-stop.
+up the region), the sandbox, a request, the journal, metrics, the services: file, reload,
+drain-on-stop, and a port below 1024 with and without the documented drop-in.
 """
 
 from __future__ import annotations
