@@ -118,6 +118,13 @@ def test_vsock_loopback_echo_inside_the_guest() -> None:
     assert (result.returncode, result.stdout) == (0, "PING OVER VSOCK\n"), result.stderr
 
 
+def test_systemd_mode_runs_the_command_as_a_service_of_pid_1() -> None:
+    script = "cat /proc/1/comm; sed 's|.*/||' /proc/self/cgroup; echo $VSOCKPROXY_IN_VM; pwd; echo err >&2; exit 7"
+    result = vsock_vm("sh", "-c", script, options=("--systemd",), cwd=REPO / "scripts")
+    assert (result.returncode, result.stderr) == (7, "err\n"), result.stderr
+    assert result.stdout.splitlines() == ["systemd", "vsock-vm-command.service", "1", str(REPO / "scripts")]
+
+
 def test_timeout_kills_the_vm(tmp_path: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp_path))
     started = time.monotonic()
