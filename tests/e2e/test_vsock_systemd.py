@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.e2e.conftest import IN_VM, IO_TIMEOUT, ThreadedTarget, recv_all, vsock_connect
+from tests.helpers import REPO
+from tests.e2e.vsock import IN_VM, IO_TIMEOUT, ThreadedTarget, recv_all, vsock_connect
 
 
 def pid1_is_systemd() -> bool:
