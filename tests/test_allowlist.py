@@ -8,8 +8,9 @@ import socket
 
 import pytest
 
-from tests.conftest import REPO, FakeDNS, load_allowlist, no_dns, parse_allowlist
-from vsockproxy.allowlist import ConfigError, NotAllowed
+from tests.helpers import REPO, FakeDNS, load_allowlist, no_dns, parse_allowlist
+from vsockproxy.allowlist import NotAllowed
+from vsockproxy.config import ConfigError
 from vsockproxy.resolver import ResolveError, Resolver
 
 UPSTREAM_FILE = """\

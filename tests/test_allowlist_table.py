@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO, FakeDNS, parse_allowlist
+from tests.helpers import REPO, FakeDNS, parse_allowlist
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.resolver import Resolver
 

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench"
 PROXIES = ["direct", "socat", "socat-big", "vsockproxy"]
-SCENARIOS = ["bulk-up", "bulk-down", "aggregate", "pingpong", "issue413", "churn", "concurrency", "burst"]
+SCENARIOS = ["bulk-up", "bulk-down", "aggregate", "pingpong", "mixed", "issue413", "churn", "concurrency", "burst"]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ Rules under test (issue 6, section 2; README "The allowlist file"):
 * spellings the core defines as equal match: case, and ONE trailing dot;
 * everything ambiguous is refused, on REMOTE_ADDR (``NotAllowed``) and in the
   file (``ConfigError``), with a one-line message, and at start-up through
-  ``Supervisor.plan()`` and ``cli.main()``;
+  ``Supervisor.authorize()`` and ``cli.main()``;
 * a target allowed only through its addresses stays pinned to them.
 """
 
@@ -29,8 +29,10 @@ import pytest
 
 import vsockproxy.cli as cli
 import vsockproxy.supervisor as supervisor_module
-from tests.conftest import addrinfo
-from vsockproxy.allowlist import ConfigError, NotAllowed, parse_config, parse_yaml
+from tests.helpers import addrinfo
+from vsockproxy.allowlist import NotAllowed
+from vsockproxy.config import ConfigError, parse_document, parse_yaml
+from vsockproxy.listen import ListenError
 from vsockproxy.resolver import ResolveError, Resolver
 
 KMS = "kms.us-east-1.amazonaws.com"
@@ -74,7 +76,7 @@ class FakeClock:
 
 def allowlist_of(*entries):
     """An Allowlist from (address, port) pairs, through the real document checker."""
-    return parse_config({"allowlist": [{"address": a, "port": p} for a, p in entries]}, SOURCE).allowlist
+    return parse_document({"allowlist": [{"address": a, "port": p} for a, p in entries]}, SOURCE).allowlist
 
 
 def resolver_over(dns: GlibcLikeDNS, family: int = socket.AF_UNSPEC, ttl: float = 30.0, clock=None) -> Resolver:
@@ -105,7 +107,7 @@ def assert_refused(allowlist, host: str, port: int, dns: GlibcLikeDNS) -> NotAll
 
 
 def load_text(text: str):
-    return parse_config(parse_yaml(text, SOURCE), SOURCE)
+    return parse_document(parse_yaml(text, SOURCE), SOURCE)
 
 
 def assert_config_error(text: str) -> ConfigError:
@@ -139,7 +141,7 @@ def quoted(text: str) -> str:
 def start_up(tmp_path, monkeypatch, request):
     """Run ``vsock-proxy LOCAL_PORT REMOTE_ADDR REMOTE_PORT --config FILE`` in-process up to the listen step.
 
-    The supervisor's resolvers get the fake DNS; the vsock listener is replaced by one that raises, so a
+    The supervisor's resolvers get the fake DNS; the listener factory is one that raises, so a
     target that (wrongly) passes the checks ends in a recognizable error instead of a server.  Returns
     (exit status, stderr text).
     """
@@ -149,10 +151,9 @@ def start_up(tmp_path, monkeypatch, request):
             monkeypatch.delenv(name)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
 
-    def refuse_to_listen(cid, port, backlog):
-        raise supervisor_module.ListenError("TEST-REACHED-LISTEN: every check passed")
+    def refuse_to_listen(port, *, cid, backlog):
+        raise ListenError("TEST-REACHED-LISTEN: every check passed")
 
-    monkeypatch.setattr(supervisor_module, "vsock_listener", refuse_to_listen)
     # Supervisor.serve() installs gevent signal handlers; cancelling them leaves the OS-level handler at
     # SIG_DFL, so Ctrl-C would kill the test run: put the Python handlers back afterwards.
     handled = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]
@@ -173,7 +174,7 @@ def start_up(tmp_path, monkeypatch, request):
         path.write_text(config_text, encoding="utf-8")
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            status = cli.main(["5000", remote, str(port), "--config", str(path)])
+            status = cli.main(["5000", remote, str(port), "--config", str(path)], refuse_to_listen)
         return status, err.getvalue()
 
     return run

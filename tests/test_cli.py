@@ -1,7 +1,10 @@
-"""The ``vsock-proxy`` command line: flags, env vars, settings file, one-line errors, exit codes.
+"""The ``vsock-proxy`` command line: flags, env vars, settings file, RUST_LOG, one-line errors, exit codes.
 
-Every test here either parses in-process (``parse_settings``) or runs a subprocess
-that exits before it would listen; the real listener is tested in test_vsock_listen.py.
+Most tests here parse in-process (``parse_arguments``) or run a subprocess that
+exits before it would listen.  The few that start the real proxy (options among
+the positionals, RUST_LOG) only let it bind and listen on vsock, learn that it is
+ready from its sd_notify READY=1 on a Unix socket, and stop it with SIGTERM;
+nothing connects to it.  The listener itself is tested in test_listen.py.
 """
 
 from __future__ import annotations
@@ -9,17 +12,34 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from tests.conftest import assert_one_line_error, cli_env
+from tests.helpers import assert_one_line_error, cli_env, vsock_available
 from vsockproxy import __version__
-from vsockproxy.cli import parse_settings
+from vsockproxy.cli import level_from_rust_log, parse_arguments
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_rust_log(monkeypatch):
+    """RUST_LOG in the developer's shell must not change what the in-process parses give."""
+    monkeypatch.delenv("RUST_LOG", raising=False)
+
+
+def proxy_env(**extra: str) -> dict[str, str]:
+    """cli_env() without an inherited RUST_LOG, plus ``extra``."""
+    env = cli_env(**extra)
+    if "RUST_LOG" not in extra:
+        env.pop("RUST_LOG", None)
+    return env
 
 ENV_VARS = [
     "VSOCK_PROXY_IPV4", "VSOCK_PROXY_IPV6", "VSOCK_PROXY_NUM_WORKERS", "VSOCK_PROXY_CONFIG",
@@ -51,7 +71,7 @@ def test_every_option_has_an_env_var_shown_in_help(run_cli):
     parser = build_parser()
     help_text = run_cli("--help").stdout
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "version"):
+        if not action.option_strings or action.dest in ("help", "version", "check"):
             continue
         env_var = getattr(action, "env_var", None)
         assert env_var and env_var.startswith("VSOCK_PROXY_"), action.option_strings
@@ -106,7 +126,7 @@ BAD_VALUES = [
 def test_bad_values_are_usage_errors(capsys, args, needle):
     """In-process, every bad value: SystemExit(2) and exactly one stderr line naming the problem."""
     with pytest.raises(SystemExit) as excinfo:
-        parse_settings(args)
+        parse_arguments(args)
     assert excinfo.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -233,7 +253,7 @@ def settings_file(tmp_path):
 
 
 def test_defaults():
-    settings = parse_settings(POSITIONALS)
+    settings = parse_arguments(POSITIONALS)
     assert (settings.local_port, settings.remote_addr, settings.remote_port) == (int(LOCAL_PORT), "127.0.0.1", 9000)
     assert settings.num_workers == 4
     assert settings.ipv4 is False and settings.ipv6 is False
@@ -244,31 +264,31 @@ def test_defaults():
 
 
 def test_long_and_short_flags():
-    settings = parse_settings(["-4", "-w", "9", "--config", "/x.yaml", "--cid", "3", "--backlog", "2048",
+    settings = parse_arguments(["-4", "-w", "9", "--config", "/x.yaml", "--cid", "3", "--backlog", "2048",
                                "--log-level", "DEBUG", *POSITIONALS])
     assert settings.ipv4 and not settings.ipv6
     assert (settings.num_workers, settings.config, settings.cid, settings.backlog, settings.log_level) == \
         (9, "/x.yaml", 3, 2048, "debug")
-    settings = parse_settings(["--ipv6", "--num_workers", "2", "--cid", "any", *POSITIONALS])
+    settings = parse_arguments(["--ipv6", "--num_workers", "2", "--cid", "any", *POSITIONALS])
     assert settings.ipv6 and settings.num_workers == 2 and settings.cid == socket.VMADDR_CID_ANY
 
 
 def test_settings_file_beats_defaults(settings_file):
-    settings = parse_settings(["--settings", settings_file, *POSITIONALS])
+    settings = parse_arguments(["--settings", settings_file, *POSITIONALS])
     assert (settings.num_workers, settings.backlog, settings.log_level, settings.cid, settings.config) == \
         (5, 555, "warning", 7, "/from/settings.yaml")
 
 
 def test_settings_file_from_env(monkeypatch, settings_file):
     monkeypatch.setenv("VSOCK_PROXY_SETTINGS", settings_file)
-    assert parse_settings(POSITIONALS).num_workers == 5
+    assert parse_arguments(POSITIONALS).num_workers == 5
 
 
 def test_env_beats_settings_file(monkeypatch, settings_file):
     monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "6")
     monkeypatch.setenv("VSOCK_PROXY_LOG_LEVEL", "error")
     monkeypatch.setenv("VSOCK_PROXY_CONFIG", "/from/env.yaml")
-    settings = parse_settings(["--settings", settings_file, *POSITIONALS])
+    settings = parse_arguments(["--settings", settings_file, *POSITIONALS])
     assert (settings.num_workers, settings.log_level, settings.config) == (6, "error", "/from/env.yaml")
     assert settings.backlog == 555  # not in env: the settings file still counts
 
@@ -276,7 +296,7 @@ def test_env_beats_settings_file(monkeypatch, settings_file):
 def test_cli_beats_env_and_settings_file(monkeypatch, settings_file):
     monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "6")
     monkeypatch.setenv("VSOCK_PROXY_CID", "8")
-    settings = parse_settings(["--settings", settings_file, "-w", "7", "--cid", "9", *POSITIONALS])
+    settings = parse_arguments(["--settings", settings_file, "-w", "7", "--cid", "9", *POSITIONALS])
     assert (settings.num_workers, settings.cid, settings.backlog) == (7, 9, 555)
 
 
@@ -284,7 +304,7 @@ def test_env_beats_default(monkeypatch):
     monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "3")
     monkeypatch.setenv("VSOCK_PROXY_BACKLOG", "2048")
     monkeypatch.setenv("VSOCK_PROXY_IPV6", "true")
-    settings = parse_settings(POSITIONALS)
+    settings = parse_arguments(POSITIONALS)
     assert (settings.num_workers, settings.backlog, settings.ipv6) == (3, 2048, True)
 
 
@@ -292,18 +312,18 @@ def test_env_beats_default(monkeypatch):
                                              ("false", False), ("0", False), ("no", False)])
 def test_boolean_env_values(monkeypatch, value, expected):
     monkeypatch.setenv("VSOCK_PROXY_IPV4", value)
-    assert parse_settings(POSITIONALS).ipv4 is expected
+    assert parse_arguments(POSITIONALS).ipv4 is expected
 
 
 def test_family_flag_on_cli_overrides_the_other_family_from_env(monkeypatch):
     monkeypatch.setenv("VSOCK_PROXY_IPV4", "1")
-    settings = parse_settings(["-6", *POSITIONALS])
+    settings = parse_arguments(["-6", *POSITIONALS])
     assert settings.ipv6 and not settings.ipv4
 
 
 def test_parse_errors_are_system_exit_2_with_one_line(capsys):
     with pytest.raises(SystemExit) as excinfo:
-        parse_settings(["-w", "0", *POSITIONALS])
+        parse_arguments(["-w", "0", *POSITIONALS])
     assert excinfo.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "num_workers" in err and "Traceback" not in err
@@ -359,3 +379,195 @@ def test_greenlet_tree_tracking_is_off_unless_asked_for(env, expected):
                           env=cli_env(**extra))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(expected), str(expected)]
+
+
+# --------------------------------------------------------------------------- options anywhere, as upstream (clap)
+
+@pytest.mark.parametrize("args", [
+    [LOCAL_PORT, "--config", "/f.yaml", "127.0.0.1", "9000"],
+    [LOCAL_PORT, "127.0.0.1", "-w", "8", "9000", "--config", "/f.yaml"],
+    [LOCAL_PORT, "-w8", "127.0.0.1", "--config=/f.yaml", "9000"],
+    ["-4", LOCAL_PORT, "127.0.0.1", "--dns-ttl", "5", "9000", "--config", "/f.yaml"],
+])
+def test_options_may_stand_among_the_positionals(args):
+    settings = parse_arguments(args)
+    assert (settings.local_port, settings.remote_addr, settings.remote_port) == (int(LOCAL_PORT), "127.0.0.1", 9000)
+    assert settings.config == "/f.yaml"
+
+
+def test_options_among_the_positionals_keep_their_values():
+    settings = parse_arguments([LOCAL_PORT, "-w", "8", "127.0.0.1", "--connect-timeout", "3", "9000", "-6"])
+    assert (settings.num_workers, settings.connect_timeout, settings.ipv6) == (8, 3.0, True)
+
+
+def test_env_settings_still_apply_with_options_among_the_positionals(monkeypatch):
+    monkeypatch.setenv("VSOCK_PROXY_NUM_WORKERS", "3")
+    monkeypatch.setenv("VSOCK_PROXY_BACKLOG", "99")
+    settings = parse_arguments([LOCAL_PORT, "--backlog", "77", "127.0.0.1", "9000"])
+    assert (settings.remote_port, settings.num_workers, settings.backlog) == (9000, 3, 77)
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([LOCAL_PORT, "-w", "8", "127.0.0.1", "65536"], "REMOTE_PORT"),
+    ([LOCAL_PORT, "-w", "8", "127.0.0.1", "nine"], "REMOTE_PORT"),
+    ([LOCAL_PORT, "-w", "8", "127.0.0.1"], "REMOTE_PORT"),
+    ([LOCAL_PORT, "-w", "8", "127.0.0.1", "9000", "extra"], "unrecognized arguments: extra (see"),
+    ([LOCAL_PORT, "--bogus", "127.0.0.1", "9000"], "unrecognized arguments: --bogus (see"),
+])
+def test_positionals_after_an_option_are_checked_like_the_others(capsys, args, needle):
+    with pytest.raises(SystemExit) as excinfo:
+        parse_arguments(args)
+    assert excinfo.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vsock-proxy: error: "), lines
+    assert needle in lines[0], lines[0]
+
+
+needs_vsock = pytest.mark.skipif(not vsock_available(), reason="no AF_VSOCK on this kernel")
+
+
+@pytest.fixture
+def notify_socket():
+    """A systemd-style notify socket: the proxy sends READY=1 there once it listens (bind only, no vsock connect)."""
+    directory = tempfile.mkdtemp(prefix="vsp-", dir="/tmp")  # short: sun_path is 108 bytes
+    path = os.path.join(directory, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(20)
+    yield sock, path
+    sock.close()
+    shutil.rmtree(directory)
+
+
+def start_until_ready(spawn, notify_socket, args, env):
+    """Start ``vsock-proxy ARGS`` (``{port}`` is a free random vsock port) and wait for READY=1; returns the process.
+
+    SAFETY: the proxy only binds and listens on vsock; nothing here connects to it.
+    """
+    sock, path = notify_socket
+    for _ in range(10):
+        port = str(random.randint(20000, 60000))
+        proxy = spawn([sys.executable, "-m", "vsockproxy", *(arg.replace("{port}", port) for arg in args)],
+                      env={**env, "NOTIFY_SOCKET": path})
+        try:
+            while b"READY=1" not in sock.recv(4096):
+                pass
+            return proxy, port
+        except socket.timeout:
+            proxy.kill()
+            if "already in use" in proxy.text() or "already in use" in "\n".join(proxy.drain()):
+                continue  # lost a race for the port: pick another
+            raise AssertionError(f"no READY=1 within 20 s; stderr: {proxy.text()}") from None
+    raise AssertionError("no free vsock port found in 10 tries")
+
+
+@needs_vsock
+@pytest.mark.parametrize("args", [
+    ["{port}", "--config", "@CONFIG@", "127.0.0.1", "9"],
+    ["{port}", "127.0.0.1", "-w", "8", "9", "--config", "@CONFIG@"],
+])
+def test_interleaved_command_line_starts_and_stops(spawn, notify_socket, write_config, args):
+    config = write_config([("127.0.0.1", 9)])
+    proxy, port = start_until_ready(spawn, notify_socket, [arg.replace("@CONFIG@", config) for arg in args],
+                                    proxy_env())
+    proxy.signal(signal.SIGTERM)
+    assert proxy.finish(timeout=10) == 0, proxy.text()
+    listening = [line for line in proxy.lines if "listening on vsock port" in line]
+    assert len(listening) == 1 and f"port {port}, forwarding to 127.0.0.1:9" in listening[0], proxy.text()
+    assert ("8 worker(s)" if "-w" in args else "4 worker(s)") in listening[0]
+
+
+# --------------------------------------------------------------------------- RUST_LOG, as upstream reads it
+
+@pytest.mark.parametrize("value, level", [
+    ("error", "error"), ("warn", "warning"), ("info", "info"), ("debug", "debug"), ("trace", "debug"),
+    ("WARN", "warning"), ("off", "error"), ("", "info"), (" info ", "info"),
+    ("vsock_proxy=debug", "debug"), ("vsock_proxy=warn", "warning"), ("warn,foo=debug", "warning"),
+    ("foo=debug", "info"), ("hyper", "info"), ("info,vsock_proxy=error", "error"),
+    ("vsock_proxy=error,info", "error"), ("vsock_proxy", "debug"), ("vsock_proxy::proxy=debug", "debug"),
+    ("vsock_proxy=warn,vsock_proxy::proxy=debug", "debug"), ("error/some regex", "error"),
+])
+def test_rust_log_sets_the_level(monkeypatch, value, level):
+    assert level_from_rust_log(value) == (level, None)
+    monkeypatch.setenv("RUST_LOG", value)
+    settings = parse_arguments(POSITIONALS)
+    assert (settings.log_level, settings.log_level_warning) == (level, None)
+
+
+@pytest.mark.parametrize("value", ["vsock_proxy=loud", "=debug", "info,foo=bar", "a=b=c", "warning=1"])
+def test_unreadable_rust_log_is_a_warning_and_info(monkeypatch, value):
+    monkeypatch.setenv("RUST_LOG", value)
+    settings = parse_arguments(POSITIONALS)
+    assert settings.log_level == "info"
+    assert "RUST_LOG" in settings.log_level_warning and repr(value) in settings.log_level_warning
+
+
+def test_log_level_option_env_and_settings_beat_rust_log(monkeypatch, tmp_path):
+    monkeypatch.setenv("RUST_LOG", "error")
+    assert parse_arguments(POSITIONALS).log_level == "error"
+    assert parse_arguments(["--log-level", "debug", *POSITIONALS]).log_level == "debug"
+    settings_file = tmp_path / "proxy.conf"
+    settings_file.write_text("log-level = warning\n")
+    assert parse_arguments(["--settings", str(settings_file), *POSITIONALS]).log_level == "warning"
+    monkeypatch.setenv("VSOCK_PROXY_LOG_LEVEL", "info")
+    assert parse_arguments(POSITIONALS).log_level == "info"
+
+
+@needs_vsock
+@pytest.mark.parametrize("rust_log, info_lines, warnings", [
+    ("error", False, 0),
+    ("warn", False, 0),
+    ("vsock_proxy=loud", True, 1),
+])
+def test_rust_log_governs_what_the_proxy_prints(spawn, notify_socket, write_config, rust_log, info_lines, warnings):
+    config = write_config([("127.0.0.1", 9)])
+    proxy, _ = start_until_ready(spawn, notify_socket, ["{port}", "127.0.0.1", "9", "--config", config],
+                                 proxy_env(RUST_LOG=rust_log))
+    proxy.signal(signal.SIGTERM)
+    assert proxy.finish(timeout=10) == 0, proxy.text()
+    assert any(" INFO " in line for line in proxy.lines) is info_lines, proxy.text()
+    warning_lines = [line for line in proxy.lines if " WARNING " in line]
+    assert len(warning_lines) == warnings, proxy.text()
+    if warnings:
+        assert "RUST_LOG='vsock_proxy=loud'" in warning_lines[0] and "logging at info" in warning_lines[0]
+
+
+# --------------------------------------------------------------------------- settings file spellings, --help
+
+def test_settings_keys_take_either_spelling(tmp_path):
+    settings_file = tmp_path / "proxy.conf"
+    settings_file.write_text("num-workers = 5\nconnect_timeout = 3\nlog_level = debug\ndns-ttl = 7\n"
+                             "shutdown_grace = 2\nidle_timeout = 9\nmetrics_address = 127.0.0.1:9100\n")
+    settings = parse_arguments(["--settings", str(settings_file), *POSITIONALS])
+    assert (settings.num_workers, settings.connect_timeout, settings.log_level, settings.dns_ttl,
+            settings.shutdown_grace, settings.idle_timeout, settings.metrics_address) == \
+        (5, 3.0, "debug", 7.0, 2.0, 9.0, "127.0.0.1:9100")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("num_workers = 5\nnum-workers = 6\n", "num_workers and num-workers"),
+    ("connect-timeout = 5\nconnect-timeout = 6\n", "connect-timeout is given twice"),
+])
+def test_a_setting_given_twice_is_refused(run_cli, tmp_path, text, needle):
+    settings_file = tmp_path / "proxy.conf"
+    settings_file.write_text(text)
+    assert_one_line_error(run_cli("--settings", str(settings_file), *POSITIONALS), 2, needle, str(settings_file))
+
+
+@pytest.mark.parametrize("line", ["settings = /other.conf", "check = true", "help = true", "--version = 1"])
+def test_options_that_are_no_settings_are_refused_in_a_settings_file(run_cli, tmp_path, line):
+    """--settings there would never be read, --check would turn the service into a one-shot check."""
+    settings_file = tmp_path / "proxy.conf"
+    settings_file.write_text(f"num_workers = 2\n{line}\n")
+    key = line.split(" =")[0]
+    assert_one_line_error(run_cli("--settings", str(settings_file), *POSITIONALS), 2,
+                          f"{settings_file}: {key} is no setting")
+
+
+def test_help_has_no_dead_link_and_tells_the_settings_syntax(run_cli):
+    text = run_cli("--help").stdout
+    assert re.findall(r"\w+://\S+", text) == ["http://HOST:PORT/metrics"]
+    flat = " ".join(text.split())
+    assert "num_workers = 16, connect-timeout = 5" in flat and "'-' or '_'" in flat
+    assert "RUST_LOG" in flat and "--check" in flat
+    assert "command-line values override environment variables which override config file values" in flat

@@ -6,7 +6,7 @@ Two kinds of proxy run here, neither of which ever connects an AF_VSOCK socket:
 * in this process: ``make_proxy`` (a VsockProxyServer on an injected TCP listener) with gevent
   targets and clients, and the log read from ``caplog``;
 * in a subprocess: :class:`StandInProxy`, the real ``vsock-proxy`` command (CLI, supervisor,
-  signal handling, log format) whose ``vsock_listener`` is swapped for a TCP listener on
+  signal handling, log format) handed a TCP listener factory (scripts/bench_lib/run_vsockproxy.py) on
   127.0.0.1, so that its fds, RSS, CPU time and RLIMIT_NOFILE can be read and set from /proc.
   Its targets are threads and its clients blocking sockets, since this process then only waits.
 
@@ -33,7 +33,7 @@ import gevent
 import pytest
 from gevent.server import StreamServer
 
-from tests.conftest import FakeDNS, LoggedProcess, cli_env, echo, recv_all, recv_exactly, tracked, wait_until
+from tests.helpers import STAND_IN_RUNNER, FakeDNS, LoggedProcess, cli_env, echo, recv_all, recv_exactly, tracked, wait_until
 from vsockproxy.pipe import CHUNK_BYTES
 from vsockproxy.resolver import Resolver
 
@@ -44,26 +44,6 @@ MIB = 1 << 20
 
 # =========================================================================== the stand-in subprocess
 
-#: The real CLI with one change: each service listens on a TCP port on 127.0.0.1 picked by the
-#: kernel instead of on vsock, and says which on stderr before the CLI's own "listening" line.
-STAND_IN_RUNNER = r"""
-import socket, sys
-import vsockproxy.supervisor as supervisor
-from vsockproxy import cli
-
-def tcp_listener(cid, port, backlog):
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited: vsock has no Nagle either
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(backlog)
-    listener.setblocking(False)
-    host, tcp_port = listener.getsockname()
-    print(f"stand-in listener: vsock port {port} is tcp {host}:{tcp_port}", file=sys.stderr, flush=True)
-    return listener
-
-supervisor.vsock_listener = tcp_listener
-sys.exit(cli.main(sys.argv[1:]))
-"""
 STAND_IN_VSOCK_PORT = 5005
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -72,7 +52,7 @@ class StandInProxy(LoggedProcess):
     """``vsock-proxy [options] 5005 127.0.0.1 TARGET_PORT`` on a TCP stand-in listener, in a subprocess."""
 
     def __init__(self, config: Path, target_port: int, *options: str, start_timeout: float = 30) -> None:
-        super().__init__([sys.executable, "-c", STAND_IN_RUNNER, *options, str(STAND_IN_VSOCK_PORT),
+        super().__init__([sys.executable, str(STAND_IN_RUNNER), "--stand-in", *options, str(STAND_IN_VSOCK_PORT),
                           "127.0.0.1", str(target_port), "--config", str(config)], cli_env())
         line = self.wait_for("stand-in listener:", timeout=start_timeout)
         host, _, port = line.rpartition(" ")[2].rpartition(":")

@@ -2,7 +2,7 @@
 
 Every generated case must end in exactly one of:
 
-* a valid ``ProxyConfig`` (or a settings ``Namespace``) whose every value is in its documented range and
+* a valid ``FileConfig`` (or a settings ``Namespace``) whose every value is in its documented range and
   which allows no more than the file says; or
 * one clear error: a ``ConfigError`` whose message is ONE line starting with the file's name, or, for the
   CLI, exit status 2 with exactly one stderr line ``vsock-proxy: error: ...`` (``--help``/``--version``:
@@ -45,12 +45,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import vsockproxy.cli as cli  # noqa: E402
-from vsockproxy.allowlist import (  # noqa: E402
-    MAX_FILE_BYTES, MAX_VSOCK_PORT, ConfigError, NotAllowed, ProxyConfig, load_config, parse_config, parse_yaml,
+from vsockproxy.allowlist import NotAllowed  # noqa: E402
+from vsockproxy.config import (  # noqa: E402
+    MAX_FILE_BYTES, MAX_VSOCK_PORT, ConfigError, FileConfig, load_file, parse_bind_address, parse_document, parse_yaml,
 )
 from vsockproxy.resolver import ResolveError, Resolver  # noqa: E402
-from vsockproxy.server import VMADDR_CID_ANY  # noqa: E402
-from vsockproxy.supervisor import parse_host_port  # noqa: E402
+from vsockproxy.listen import VMADDR_CID_ANY  # noqa: E402
 
 # --------------------------------------------------------------------------- budget
 
@@ -60,8 +60,8 @@ FUZZ_CASES = {
     "yaml_token_soup": 2500,         # YAML syntax, tags, anchors, keys and values glued at random
     "yaml_documents": 1200,          # random Python documents: wrong types, missing/unknown keys, ...
     "yaml_valid_allowlists": 1000,   # valid files; every authorize() checked against an oracle
-    "yaml_files": 300,               # load_config(path) on tmp files
-    "cli_argv_env": 2500,            # parse_settings(argv) under random VSOCK_PROXY_* env and settings files
+    "yaml_files": 300,               # load_file(path) on tmp files
+    "cli_argv_env": 2500,            # parse_arguments(argv) under random VSOCK_PROXY_* env and settings files
 }
 FUZZ_TOTAL = sum(FUZZ_CASES.values())
 CASE_TIME_LIMIT = 10.0  # seconds; a case that takes longer is a hang
@@ -204,19 +204,19 @@ def assert_one_line_error(message: str, source: str) -> None:
 
 
 def check_document_outcome(load, source: str, limit: float = CASE_TIME_LIMIT):
-    """Run ``load()``: it returns (document, ProxyConfig) or raises a one-line ConfigError; else the test fails."""
+    """Run ``load()``: it returns (document, FileConfig) or raises a one-line ConfigError; else the test fails."""
     try:
         with time_limit(limit, "loading a document"):
             document, config = load()
     except ConfigError as exc:
         assert_one_line_error(str(exc), source)
         return None
-    assert isinstance(config, ProxyConfig)
+    assert isinstance(config, FileConfig)
     check_config_matches_document(config, document)
     return config
 
 
-def check_config_matches_document(config: ProxyConfig, document) -> None:
+def check_config_matches_document(config: FileConfig, document) -> None:
     """A config is exactly what the document says: same entries, same ports, unambiguous spellings."""
     assert isinstance(document, dict), document
     entries = document["allowlist"]
@@ -248,7 +248,7 @@ def check_config_matches_document(config: ProxyConfig, document) -> None:
         assert spec.listen_port == entry["listen_port"]
         assert type(spec.port) is int and 1 <= spec.port <= 65535 and spec.port == entry["port"]
         assert spec.address == entry["address"] and isinstance(spec.address, str)
-        assert not (spec.ipv4 and spec.ipv6)
+        assert spec.family in (None, socket.AF_INET, socket.AF_INET6)
         assert spec.num_workers is None or (type(spec.num_workers) is int and 1 <= spec.num_workers <= 1_000_000)
         for value in (spec.connect_timeout, spec.idle_timeout):
             assert value is None or (isinstance(value, float) and math.isfinite(value) and value >= 0)
@@ -258,7 +258,7 @@ def check_config_matches_document(config: ProxyConfig, document) -> None:
 
 def load_bytes_or_text(data):
     document = parse_yaml(data, SOURCE)
-    return document, parse_config(document, SOURCE)
+    return document, parse_document(document, SOURCE)
 
 
 # --------------------------------------------------------------------------- fake DNS
@@ -429,7 +429,7 @@ def test_fuzz_yaml_documents():
     @example({"allowlist": [{"address": "kms.example", "port": [443, 443.0]}]})
     @example({"allowlist": [{"address": "kms.example"}], "services": [{"listen_port": 1}]})
     def inner(document):
-        check_document_outcome(lambda: (document, parse_config(document, SOURCE)), SOURCE)
+        check_document_outcome(lambda: (document, parse_document(document, SOURCE)), SOURCE)
         try:
             text = yaml.safe_dump(document, allow_unicode=bool(len(str(document)) % 2))
         except yaml.YAMLError:
@@ -442,7 +442,7 @@ def test_fuzz_yaml_documents():
 
 
 def test_fuzz_yaml_files():
-    """load_config(path): the message starts with the path; some files are empty, some random, some valid."""
+    """load_file(path): the message starts with the path; some files are empty, some random, some valid."""
     with tempfile.TemporaryDirectory(prefix="vsp-fuzz-") as directory:
         counter = iter(range(10 ** 9))
 
@@ -454,7 +454,7 @@ def test_fuzz_yaml_files():
             path = os.path.join(directory, f"allowlist-{next(counter)}.yaml")
             with open(path, "wb") as stream:
                 stream.write(data)
-            check_document_outcome(lambda: (parse_yaml(data, path), load_config(path)), path)
+            check_document_outcome(lambda: (parse_yaml(data, path), load_file(path)), path)
             assert not MARKER.exists()
             CASES_RUN["yaml_files"] += 1
 
@@ -648,7 +648,7 @@ def test_fuzz_valid_allowlists_never_allow_more_than_written():
         text = render_allowlist(rng, entries, services)
         try:
             document = parse_yaml(text, SOURCE)
-            config = parse_config(document, SOURCE)
+            config = parse_document(document, SOURCE)
         except ConfigError as exc:
             raise AssertionError(f"valid file refused: {exc}\n{text}") from None
         check_config_matches_document(config, document)
@@ -704,7 +704,7 @@ def test_python_tags_are_refused_and_never_execute(text, tmp_path):
     path = tmp_path / "allowlist.yaml"
     path.write_text(text)
     for load, source in ((lambda: load_bytes_or_text(text.encode()), SOURCE),
-                         (lambda: (parse_yaml(text, str(path)), load_config(str(path))), str(path))):
+                         (lambda: (parse_yaml(text, str(path)), load_file(str(path))), str(path))):
         assert check_document_outcome(load, source) is None, "a document with a python tag was accepted"
         assert not MARKER.exists(), "a YAML tag executed code"
 
@@ -772,7 +772,7 @@ def test_empty_files_are_one_clear_error(text, tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        load_config(str(path))
+        load_file(str(path))
     assert_one_line_error(str(info.value), str(path))
 
 
@@ -781,7 +781,7 @@ def test_huge_string_address_is_refused_quickly(tmp_path):
     path.write_text("allowlist:\n- {address: " + "a" * (MAX_FILE_BYTES - 100) + ", port: 443}\n")
     started = time.monotonic()
     with pytest.raises(ConfigError) as info:
-        load_config(str(path))
+        load_file(str(path))
     assert_one_line_error(str(info.value), str(path))
     assert len(str(info.value)) < 1000, \
         f"the error line is {len(str(info.value))} characters: it should not echo a megabyte of input"
@@ -792,7 +792,7 @@ def test_file_over_the_size_limit_is_refused(tmp_path):
     path = tmp_path / "big.yaml"
     path.write_bytes(b"allowlist: []\n" + b"#" * MAX_FILE_BYTES)
     with pytest.raises(ConfigError) as info:
-        load_config(str(path))
+        load_file(str(path))
     assert_one_line_error(str(info.value), str(path))
 
 
@@ -806,7 +806,7 @@ def test_large_valid_file_loads_and_matches(tmp_path):
     path = tmp_path / "large.yaml"
     path.write_text("\n".join(lines) + "\n")
     started = time.monotonic()
-    config = load_config(str(path))
+    config = load_file(str(path))
     assert len(config.allowlist.rules) == index
     assert [sorted(rule.ports)[0] for rule in config.allowlist.rules] == [1 + i % 65535 for i in range(index)]
     assert time.monotonic() - started < 30.0
@@ -842,7 +842,7 @@ def test_unreadable_scalars_are_one_clear_error(text):
 def test_unreadable_paths_are_one_clear_error(tmp_path):
     for path in (str(tmp_path / "missing.yaml"), str(tmp_path), str(tmp_path / "missing" / "x.yaml")):
         with pytest.raises(ConfigError) as info:
-            load_config(path)
+            load_file(path)
         assert_one_line_error(str(info.value), path)
 
 
@@ -940,23 +940,23 @@ def check_settings(ns: argparse.Namespace) -> None:
     assert ns.log_level in cli.LOG_LEVELS
     assert isinstance(ns.config, str)
     if ns.metrics_address is not None:
-        host, port = parse_host_port(ns.metrics_address)
+        host, port = parse_bind_address(ns.metrics_address)
         assert host and 1 <= port <= 65535, f"--metrics-address {ns.metrics_address!r} binds to host {host!r}"
 
 
 def run_cli(argv: list[str], env: dict[str, str]):
-    """parse_settings(argv) under ``env``: ('ok', Namespace) or ('exit', code); with stdout and stderr text."""
+    """parse_arguments(argv) under ``env``: ('ok', Namespace) or ('exit', code); with stdout and stderr text."""
     out, err = io.StringIO(), io.StringIO()
     with patched_environ(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            result = ("ok", cli.parse_settings(argv))
+            result = ("ok", cli.parse_arguments(argv))
         except SystemExit as exc:
             result = ("exit", exc.code)
     return result, out.getvalue(), err.getvalue()
 
 
 def check_cli_outcome(argv, env) -> None:
-    with time_limit(CASE_TIME_LIMIT, "parse_settings"):
+    with time_limit(CASE_TIME_LIMIT, "parse_arguments"):
         (kind, value), stdout, stderr = run_cli(argv, env)
     if kind == "ok":
         assert stderr == "" and stdout == "", (stdout, stderr)

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 REGION_HELPER = REPO / "init" / "vsock-proxy-region"
 
@@ -111,9 +111,9 @@ def test_sysv_script_parses_and_prints_usage():
 
 
 def test_default_allowlist_matches_upstreams_kms_endpoints():
-    from vsockproxy.allowlist import load_config
+    from vsockproxy.config import load_file
 
-    rules = load_config(str(REPO / "conf" / "vsock-proxy.yaml")).allowlist.rules
+    rules = load_file(str(REPO / "conf" / "vsock-proxy.yaml")).allowlist.rules
     names = {rule.name for rule in rules}
     assert all(rule.ports == frozenset({443}) for rule in rules)
     assert {"kms.us-east-1.amazonaws.com", "kms-fips.us-east-1.amazonaws.com", "kms.eu-west-3.amazonaws.com",

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.conftest import recv_exactly
+from tests.helpers import recv_exactly
 from tests.test_faults import problems_in, raise_own_nofile
 from tests.test_faults import stand_in, thread_target  # noqa: F401 (fixtures)
 

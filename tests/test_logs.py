@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.conftest import assert_one_line_error, cli_env
+from tests.helpers import assert_one_line_error, cli_env
 from vsockproxy.logs import one_line
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,7 +13,7 @@ import gevent
 import gevent.socket
 import pytest
 
-from tests.conftest import recv_all, wait_until
+from tests.helpers import recv_all, wait_until
 from vsockproxy.pipe import CHUNK_BYTES, FAIR_SHARE_BYTES, LARGE_BUFFERS, SMALL_BUFFERS, Flow, FreeList, PeerError, _unmap, pipe
 
 pytestmark = pytest.mark.timeout(30)

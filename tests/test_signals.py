@@ -2,9 +2,9 @@
 
 Two kinds of test:
 
-* in a subprocess: the real ``vsock-proxy`` start-up (the console script's target, or
-  ``python -m vsockproxy``) whose vsock listeners are TCP listeners on 127.0.0.1 (see
-  ``STAND_IN_ENTRY``); its targets are threads and its clients blocking sockets;
+* in a subprocess: the real ``vsock-proxy`` start-up (vsockproxy.__main__.main, which the console
+  script and ``python -m vsockproxy`` call) handed TCP listeners on 127.0.0.1 by
+  scripts/bench_lib/run_vsockproxy.py; its targets are threads and its clients blocking sockets;
 * in this process: a ``Supervisor`` serving on TCP stand-in listeners with a fake DNS that
   can hold a look-up, so that a signal can land while a reload or the start-up waits on DNS.
   The signals are real ones, sent to this process, and handled by the supervisor's gevent handlers.
@@ -28,61 +28,14 @@ import pytest
 from gevent.event import Event
 
 import vsockproxy.supervisor as supervisor_module
-from tests.conftest import FakeDNS, LoggedProcess, cli_env, unused_tcp_port, wait_until
-from vsockproxy.cli import parse_settings
+from tests.helpers import REPO, STAND_IN_RUNNER, FakeDNS, TcpListeners, supervisor_for, LoggedProcess, cli_env, unused_tcp_port, wait_until
 from vsockproxy.resolver import Resolver
-from vsockproxy.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
 START_TIMEOUT = 30.0
 
 # =========================================================================== the stand-in subprocess
-
-#: The real start-up of ``vsock-proxy``, via $STAND_IN_ENTRY: ``python -m`` or the console script's
-#: ``module:function``.  One change: as vsockproxy.supervisor is imported, its vsock listener
-#: becomes a TCP listener on 127.0.0.1, at the port $STAND_IN_PORTS maps the vsock port to
-#: ("5005=40001,5006=40002"; others get any port), logged as "stand-in listener: ...".  Nothing
-#: is imported earlier than in the real command, so its start-up window is the real one.
-STAND_IN_ENTRY = r"""
-import os, sys
-from importlib.machinery import PathFinder
-
-def tcp_listener(cid, port, backlog):
-    import logging, socket
-    ports = dict(item.split("=") for item in os.environ.get("STAND_IN_PORTS", "").split(",") if item)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", int(ports.get(str(port), 0))))
-    listener.listen(backlog)
-    listener.setblocking(False)
-    host, tcp_port = listener.getsockname()
-    logging.getLogger("vsockproxy").info("stand-in listener: vsock port %d is tcp %s:%d", port, host, tcp_port)
-    return listener
-
-class SwapListener:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name != "vsockproxy.supervisor":
-            return None
-        spec = PathFinder.find_spec(name, path)
-        load = spec.loader.exec_module
-        def exec_module(module):
-            load(module)
-            module.vsock_listener = tcp_listener
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, SwapListener)
-entry = os.environ["STAND_IN_ENTRY"]
-if entry == "python -m":
-    import runpy
-    runpy.run_module("vsockproxy", run_name="__main__", alter_sys=True)
-else:
-    import importlib
-    module, _, function = entry.partition(":")
-    sys.exit(getattr(importlib.import_module(module), function)())
-"""
-
 
 def console_script_target() -> str:
     """What the installed ``vsock-proxy`` script calls, e.g. ``vsockproxy.__main__:main``."""
@@ -92,12 +45,12 @@ def console_script_target() -> str:
 
 
 class StandIn(LoggedProcess):
-    """``vsock-proxy ARGS`` started the real way, on TCP stand-in listeners; see ``STAND_IN_ENTRY``."""
+    """``vsock-proxy ARGS`` started the real way, on TCP stand-in listeners (see STAND_IN_RUNNER)."""
 
-    def __init__(self, args: list[str], entry: str = "python -m", ports: dict[int, int] | None = None) -> None:
+    def __init__(self, args: list[str], ports: dict[int, int] | None = None) -> None:
         mapping = ",".join(f"{vsock}={tcp}" for vsock, tcp in (ports or {}).items())
-        super().__init__([sys.executable, "-c", STAND_IN_ENTRY, *args],
-                         cli_env(STAND_IN_ENTRY=entry, STAND_IN_PORTS=mapping))
+        super().__init__([sys.executable, str(STAND_IN_RUNNER), "--stand-in", *args],
+                         cli_env(STAND_IN_PORTS=mapping))
 
     def address(self, vsock_port: int) -> tuple[str, int]:
         line = self.wait_for(f"stand-in listener: vsock port {vsock_port} is tcp", timeout=START_TIMEOUT)
@@ -110,7 +63,7 @@ class StandIn(LoggedProcess):
 
 @pytest.fixture
 def stand_in():
-    """``stand_in(args, entry=..., ports=...)`` starts a StandIn; each one still running at teardown is killed."""
+    """``stand_in(args, ports=...)`` starts a StandIn; each one still running at teardown is killed."""
     started: list[StandIn] = []
 
     def start(args: list[str], **kwargs) -> StandIn:
@@ -193,8 +146,12 @@ def runs_python_code(pid: int) -> bool:
 
 # =========================================================================== SIGHUP/SIGUSR1 during start-up
 
-@pytest.mark.parametrize("entry", ["console script", "python -m"])
-def test_sighup_and_sigusr1_throughout_start_up_never_kill_it(stand_in, echo_target, tmp_path, entry):
+def test_the_console_script_and_python_m_start_where_signals_are_ignored_first():
+    assert console_script_target() == "vsockproxy.__main__:main"
+    assert "sys.exit(main())" in (REPO / "vsockproxy" / "__main__.py").read_text()
+
+
+def test_sighup_and_sigusr1_throughout_start_up_never_kill_it(stand_in, echo_target, tmp_path):
     """A reload or a summary asked for while it starts must not kill it (their default action).
 
     The signals go out every few milliseconds from the moment the process runs Python code until it
@@ -203,8 +160,7 @@ def test_sighup_and_sigusr1_throughout_start_up_never_kill_it(stand_in, echo_tar
     """
     config = tmp_path / "allowlist.yaml"
     config.write_text(services_yaml(echo_target.port, {5005: "127.0.0.1"}))
-    proxy = stand_in(["--config", str(config)],
-                     entry=console_script_target() if entry == "console script" else entry)
+    proxy = stand_in(["--config", str(config)])
     pid = proxy.proc.pid
     wait_until_true(lambda: proxy.proc.poll() is not None or runs_python_code(pid), "Python code to run")
     sent = 0
@@ -292,22 +248,15 @@ class InProcess:
 
     def __init__(self, monkeypatch, caplog, config: Path, dns: FakeDNS) -> None:
         self.caplog = caplog
-        self.listeners: dict[int, socket.socket] = {}
-        self.addresses: dict[int, tuple[str, int]] = {}
-
-        def tcp_listener(cid: int, port: int, backlog: int) -> socket.socket:
-            listener = socket.create_server(("127.0.0.1", 0), backlog=backlog)
-            listener.setblocking(False)
-            self.listeners[port], self.addresses[port] = listener, listener.getsockname()
-            return listener
 
         def resolver(family=socket.AF_UNSPEC, ttl=30.0, **kwargs) -> Resolver:
             return Resolver(family, ttl, getaddrinfo=dns, **kwargs)
 
-        monkeypatch.setattr(supervisor_module, "vsock_listener", tcp_listener)
         monkeypatch.setattr(supervisor_module, "Resolver", resolver)
         monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-        self.supervisor = Supervisor(parse_settings(["--config", str(config), "--shutdown-grace", "5"]))
+        listeners = TcpListeners()
+        self.addresses, self.listeners = listeners.addresses, listeners.sockets
+        self.supervisor = supervisor_for(["--config", str(config), "--shutdown-grace", "5"], listeners)
         self.serving = gevent.spawn(self.supervisor.serve)
 
     def messages(self) -> list[str]:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.helpers import REPO, cli_env
 
 SOAK = REPO / "scripts" / "soak"
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Callable, Optional, Sequence
 
 
-def main() -> int:
-    """Run ``vsock-proxy`` with the command line in ``sys.argv``; returns the exit status."""
+def main(argv: Optional[Sequence[str]] = None, listener_factory: Optional[Callable] = None) -> int:
+    """Run ``vsock-proxy`` with ``argv`` (default: ``sys.argv``); returns the exit status.
+
+    ``listener_factory`` replaces vsock's listeners (see cli.main); tests and benchmarks use it.
+    """
     for signum in (signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     from vsockproxy.cli import main as run_cli  # the heavy imports
 
-    return run_cli()
+    if listener_factory is None:
+        return run_cli(argv)
+    return run_cli(argv, listener_factory)
 
 
 if __name__ == "__main__":

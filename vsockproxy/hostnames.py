@@ -89,3 +89,8 @@ def canonical_host(text: str) -> str:
     if address is not None:
         return str(address)
     return canonical_name(text)
+
+
+def host_port(host: str, port: object) -> str:
+    """``host:port``, with IPv6 addresses in brackets so the port stays readable."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

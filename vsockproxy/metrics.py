@@ -1,108 +1,171 @@
-"""Per-service counters, exported in Prometheus' text format by ``prometheus_client``.
+"""Per-service figures, exported in Prometheus' text format by ``prometheus_client``.
 
-Counters are updated once per connection (bytes at close), never per chunk,
-so the data path pays nothing for them.  The endpoint is a gevent WSGI server
-in the same hub: no extra threads.
+Each service's figures are plain numbers, turned into metric families only
+when scraped.  So the data path pays nothing per chunk, and what a scrape
+cannot know from finished connections alone is added at that moment: the
+bytes that open connections have written so far (their ``Flow.bytes``) and
+the time the current pool-full pause has lasted.  A service that a reload
+stopped serving is dropped from the export once its last connection ends.
 """
 
 from __future__ import annotations
 
-import logging
 import time
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-log = logging.getLogger("vsockproxy")
+if TYPE_CHECKING:
+    from vsockproxy.pipe import Flow
 
 
 class Metrics:
-    """The process's metric families; ``service()`` binds them to one listener."""
+    """The figures of every service of the process, and the collector that exports them."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        labels = ["service"]
-        options = {"registry": self.registry, "namespace": "vsockproxy"}
-        self.active = Gauge("active_connections", "Connections being relayed now.", labels, **options)
-        self.accepted = Counter("connections_accepted", "Enclave connections accepted.", labels, **options)
-        self.completed = Counter("connections_completed", "Connections relayed until both sides ended cleanly.",
-                                 labels, **options)
-        self.failed = Counter("connections_failed", "Connections ended by a failure, by reason.",
-                              labels + ["reason"], **options)
-        self.bytes = Counter("bytes", "Bytes relayed, by direction.", labels + ["direction"], **options)
-        self.dns_lookups = Counter("dns_lookups", "DNS look-ups made (cache misses).", labels, **options)
-        self.dns_failures = Counter("dns_failures", "DNS look-ups that failed.", labels, **options)
-        self.pool_full = Counter("pool_full", "Times every worker was busy and accepting paused.",
-                                 labels, **options)
-        self.pool_full_seconds = Counter("pool_full_seconds", "Time accepting was paused with every worker busy.",
-                                         labels, **options)
+        self._services: dict[str, ServiceMetrics] = {}
+        self.registry.register(self)
 
     def service(self, name: str) -> "ServiceMetrics":
-        return ServiceMetrics(self, name)
+        """The figures of service ``name``, shared by every listener that serves it in turn."""
+        service = self._services.get(name)
+        if service is None:
+            service = self._services[name] = ServiceMetrics(name, self._drop)
+        return service
 
-    def wsgi_app(self):
-        return make_wsgi_app(self.registry)
+    def serving(self, names: Iterable[str]) -> None:
+        """Say which services are served now: the others go once their last connection has ended."""
+        names = set(names)
+        for name, service in list(self._services.items()):
+            service.served = name in names
+            if service.done:
+                del self._services[name]
+
+    def _drop(self, service: "ServiceMetrics") -> None:
+        if self._services.get(service.name) is service:
+            del self._services[service.name]
+
+    def collect(self) -> Iterator[Metric]:
+        """Called by prometheus_client at every scrape."""
+        services = list(self._services.values())
+        labels = ["service"]
+
+        def counter(name: str, documentation: str, value: Callable[[ServiceMetrics], float]) -> Metric:
+            family = CounterMetricFamily(f"vsockproxy_{name}", documentation, labels=labels)
+            for service in services:
+                family.add_metric([service.name], value(service), created=service.created)
+            return family
+
+        active = GaugeMetricFamily("vsockproxy_active_connections", "Connections being relayed now.",
+                                   labels=labels)
+        for service in services:
+            active.add_metric([service.name], service.active)
+        yield active
+        yield counter("connections_accepted", "Enclave connections accepted.", lambda s: s.accepted)
+        yield counter("connections_completed", "Connections relayed until both sides ended cleanly.",
+                      lambda s: s.completed)
+        failed = CounterMetricFamily("vsockproxy_connections_failed", "Connections ended by a failure, by reason.",
+                                     labels=["service", "reason"])
+        for service in services:
+            for reason, count in service.failures.items():
+                failed.add_metric([service.name, reason], count, created=service.created)
+        yield failed
+        moved = CounterMetricFamily("vsockproxy_bytes", "Bytes relayed, by direction.",
+                                    labels=["service", "direction"])
+        for service in services:
+            up, down = service.bytes_moved()
+            moved.add_metric([service.name, "enclave_to_target"], up, created=service.created)
+            moved.add_metric([service.name, "target_to_enclave"], down, created=service.created)
+        yield moved
+        yield counter("dns_lookups", "DNS look-ups made (cache misses).", lambda s: s.dns_lookups)
+        yield counter("dns_failures", "DNS look-ups that failed.", lambda s: s.dns_failures)
+        yield counter("pool_full", "Times every worker was busy and accepting paused.", lambda s: s.pool_full)
+        yield counter("pool_full_seconds", "Time accepting was paused with every worker busy.",
+                      lambda s: s.pool_full_seconds())
 
 
 class ServiceMetrics:
-    """The metric children of one service, plus the tallies behind the SIGUSR1 summary."""
+    """One service's tallies: what its connections report, read by scrapes and the SIGUSR1 summary."""
 
-    def __init__(self, metrics: Metrics, name: str) -> None:
+    def __init__(self, name: str, drop: Callable[["ServiceMetrics"], None] | None = None) -> None:
         self.name = name
-        self._registry = metrics.registry
-        self.active = metrics.active.labels(name)
-        self.accepted = metrics.accepted.labels(name)
-        self.completed = metrics.completed.labels(name)
-        self._failed = metrics.failed
-        self.bytes_up = metrics.bytes.labels(name, "enclave_to_target")
-        self.bytes_down = metrics.bytes.labels(name, "target_to_enclave")
-        self._dns_lookups = metrics.dns_lookups.labels(name)
-        self._dns_failures = metrics.dns_failures.labels(name)
-        self._pool_full = metrics.pool_full.labels(name)
-        self._pool_full_seconds = metrics.pool_full_seconds.labels(name)
+        self.created = time.time()
+        self.served = True
+        self._drop = drop
+        self.active = 0
+        self.accepted = 0
+        self.completed = 0
+        self.failures: dict[str, int] = {}
+        self.dns_lookups = 0
+        self.dns_failures = 0
+        self.pool_full = 0
+        self._closed_up = 0
+        self._closed_down = 0
+        self._relaying: dict[Flow, Flow] = {}
+        self._paused_seconds = 0.0
         self._paused_at: float | None = None
 
-    def opened(self) -> None:
-        self.accepted.inc()
-        self.active.inc()
+    @property
+    def done(self) -> bool:
+        """No longer served and no connection left: its series can go."""
+        return not self.served and not self.active
 
-    def closed(self, failure: str | None, up: int = 0, down: int = 0) -> None:
+    def opened(self) -> None:
+        self.accepted += 1
+        self.active += 1
+
+    def relaying(self, up: Flow, down: Flow) -> None:
+        """Count the bytes of this connection's two flows at every scrape until it closes."""
+        self._relaying[up] = down
+
+    def closed(self, failure: str | None, up: Flow | None = None, down: Flow | None = None) -> None:
         """Record the end of a connection; ``failure`` is None when it completed cleanly."""
-        self.active.dec()
+        self.active -= 1
         if failure is None:
-            self.completed.inc()
+            self.completed += 1
         else:
-            self._failed.labels(self.name, failure).inc()
-        if up:
-            self.bytes_up.inc(up)
-        if down:
-            self.bytes_down.inc(down)
+            self.failures[failure] = self.failures.get(failure, 0) + 1
+        if up is not None and down is not None:
+            self._relaying.pop(up, None)
+            self._closed_up += up.bytes
+            self._closed_down += down.bytes
+        if self.done and self._drop is not None:
+            self._drop(self)
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """Bytes written each way, enclave to target and back: closed connections' and open ones' so far."""
+        up, down = self._closed_up, self._closed_down
+        for flow_up, flow_down in self._relaying.items():
+            up += flow_up.bytes
+            down += flow_down.bytes
+        return up, down
 
     def dns(self, ok: bool) -> None:
-        self._dns_lookups.inc()
+        self.dns_lookups += 1
         if not ok:
-            self._dns_failures.inc()
+            self.dns_failures += 1
 
     def pool_paused(self) -> None:
         if self._paused_at is None:
             self._paused_at = time.monotonic()
-            self._pool_full.inc()
+            self.pool_full += 1
 
     def pool_resumed(self) -> None:
         if self._paused_at is not None:
-            self._pool_full_seconds.inc(time.monotonic() - self._paused_at)
+            self._paused_seconds += time.monotonic() - self._paused_at
             self._paused_at = None
 
+    def pool_full_for(self) -> float:
+        """How long the current pause has lasted, 0 when accepting."""
+        return 0.0 if self._paused_at is None else time.monotonic() - self._paused_at
+
+    def pool_full_seconds(self) -> float:
+        return self._paused_seconds + self.pool_full_for()
+
     def snapshot(self) -> dict[str, int]:
-        """This service's current figures, read back from the registry."""
-        def value(name: str, **labels: str) -> int:
-            return int(self._registry.get_sample_value(f"vsockproxy_{name}", {"service": self.name, **labels}) or 0)
-        failed = sum(int(sample.value) for metric in self._failed.collect() for sample in metric.samples
-                     if sample.name.endswith("_total") and sample.labels.get("service") == self.name)
-        return {
-            "active": value("active_connections"),
-            "accepted": value("connections_accepted_total"),
-            "completed": value("connections_completed_total"),
-            "failed": failed,
-            "up": value("bytes_total", direction="enclave_to_target"),
-            "down": value("bytes_total", direction="target_to_enclave"),
-        }
+        """This service's current figures, as the SIGUSR1 summary shows them."""
+        up, down = self.bytes_moved()
+        return {"active": self.active, "accepted": self.accepted, "completed": self.completed,
+                "failed": sum(self.failures.values()), "up": up, "down": down}

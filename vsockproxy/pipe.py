@@ -6,11 +6,9 @@ watchers (what gevent's sockets do inside), so one loop serves vsock, TCP and
 Unix sockets alike.  A sink that stops reading leaves the chunk parked and the
 source unread: the kernel's windows push back on the sender.
 
-Why copying and not splice(2): the proxy's real path has vsock on one side,
-which cannot splice without a kernel copy of its own.  In scripts/bench,
-copying ran single TCP streams about 50% faster than splice through a 1 MiB
-kernel pipe, and over real vsock the two were within a few percent (the
-commit that made the change has the numbers).
+Copying, not splice(2): the proxy's real path has vsock on one side, which
+cannot splice without a kernel copy of its own, and a large user-space chunk
+per wake-up moves a single stream faster than a kernel pipe's worth.
 Buffers are anonymous mappings, so only the pages a read fills are ever
 resident.
 
@@ -32,9 +30,8 @@ from typing import Callable, Generic, TypeVar
 from gevent.hub import Waiter, get_hub
 
 #: A flow reads into a small buffer until a read fills one (the source has a backlog: bulk),
-#: then into a large one until a read brings less than a small one again.  scripts/bench chose
-#: both sizes: a large chunk per wake-up is what makes a single bulk stream fast, and a small
-#: one keeps ping-pong latency low.
+#: then into a large one until a read brings less than a small one again: a large chunk per
+#: wake-up is what makes a single bulk stream fast, and a small one keeps ping-pong latency low.
 SMALL_CHUNK_BYTES = 64 * 1024
 CHUNK_BYTES = 2 * 1024 * 1024
 #: Bytes a pipe moves before it lets other connections run (see _copy_loop).

@@ -1,24 +1,43 @@
-"""Name resolution for proxied targets, with a short cache and one look-up per name at a time.
+"""Name resolution for proxied targets, cached for the record's TTL, one look-up per name at a time.
 
-``getaddrinfo`` does not report DNS TTLs, so answers are kept for a fixed
-``ttl`` (``--dns-ttl``).  Failures are never cached: the next connection asks
-again.  Concurrent connections for the same name share one look-up, so a burst
-of connects costs one query rather than one per connection.
+Addresses come from ``getaddrinfo``, so ``/etc/hosts`` and nsswitch decide
+them as for any other program.  ``getaddrinfo`` does not report TTLs, so, as
+upstream caches an answer for its record's TTL, a DNS query for the same name
+(dnspython, in a thread: gevent is not monkey-patched here) tells how long to
+keep it: at most ``ttl`` (``--dns-ttl``), at least ``MIN_REUSE`` seconds, so
+that a TTL of 0 cannot become a look-up per connection.  That query runs beside
+the connections, never before them: until it answers, or when it cannot (a
+name only ``/etc/hosts`` knows, no DNS server), the answer is kept for ``ttl``.
+Failures are never cached: the next connection asks again.  Concurrent
+connections for the same name share one look-up, so a burst of connects costs
+one query rather than one per connection.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
-from gevent.event import AsyncResult
+import dns.resolver
+import gevent
 import gevent.socket
+from gevent.event import AsyncResult
+from gevent.threadpool import ThreadPool
 
-from vsockproxy.hostnames import IPAddress, parse_ip
+from vsockproxy.hostnames import IPAddress, host_port, parse_ip
+
+log = logging.getLogger("vsockproxy")
 
 FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+#: An answer is reused for at least this long, whatever its TTL, so TTL 0 is one look-up a second at most.
+MIN_REUSE = 1.0
+#: How long one TTL query (one record type) may take before the answer is just kept for --dns-ttl.
+TTL_QUERY_LIFETIME = 5.0
+HOSTS_FILE = "/etc/hosts"
+RESOLV_CONF = "/etc/resolv.conf"
 
 
 class ResolveError(OSError):
@@ -33,29 +52,107 @@ class Endpoint(NamedTuple):
     ip: IPAddress
 
     def __str__(self) -> str:
-        if self.family == socket.AF_INET6:
-            return f"[{self.sockaddr[0]}]:{self.sockaddr[1]}"
-        return f"{self.sockaddr[0]}:{self.sockaddr[1]}"
+        return host_port(self.sockaddr[0], self.sockaddr[1])
+
+
+class DnsRecordTtl:
+    """The TTL that DNS gives a name's address records, asked with dnspython in a thread of its own.
+
+    ``record_ttl(host, family)`` parks only the calling greenlet.  Its own small
+    thread pool keeps slow queries from delaying the hub's pool, which serves
+    ``getaddrinfo``.  Names that ``/etc/hosts`` answers for, and ``localhost``,
+    are not asked about: their addresses do not come from DNS.
+    """
+
+    def __init__(self, nameservers: Sequence[str] | None = None, port: int = 53, threads: int = 2,
+                 hosts_file: str = HOSTS_FILE, resolv_conf: str = RESOLV_CONF,
+                 lifetime: float = TTL_QUERY_LIFETIME) -> None:
+        self.nameservers = list(nameservers) if nameservers is not None else None  # None: resolv_conf's
+        self.port = port
+        self.hosts_file = hosts_file
+        self.resolv_conf = resolv_conf
+        self.lifetime = lifetime
+        self._threads = threads
+        self._pool: ThreadPool | None = None
+
+    def __call__(self, host: str, family: int) -> float | None:
+        """Seconds the name's records may be cached (the least of its A/AAAA chains), or None if DNS cannot say."""
+        if self._pool is None:
+            self._pool = ThreadPool(self._threads)
+        return self._pool.apply(self._query, (host, family))
+
+    def _query(self, host: str, family: int) -> float | None:
+        name = host.rstrip(".").lower()
+        if name == "localhost" or name.endswith(".localhost") or name in _hosts_file_names(self.hosts_file):
+            return None
+        rdtypes = {socket.AF_INET: ["A"], socket.AF_INET6: ["AAAA"]}.get(family, ["A", "AAAA"])
+        ttls = []
+        try:
+            resolver = self._resolver()  # afresh: /etc/resolv.conf may have changed, as getaddrinfo sees it
+            for rdtype in rdtypes:
+                try:
+                    answer = resolver.resolve(host, rdtype, search=True, lifetime=self.lifetime)
+                except dns.resolver.NoAnswer:  # e.g. no AAAA: getaddrinfo's answer has none either
+                    continue
+                ttls.append(answer.chaining_result.minimum_ttl)
+        except Exception as exc:  # the TTL only refines the cache: no failure here may hurt resolving
+            log.debug("no DNS TTL for %s: %s", host, exc or type(exc).__name__)
+            return None
+        return float(min(ttls)) if ttls else None
+
+    def _resolver(self) -> dns.resolver.Resolver:
+        if self.nameservers is None:
+            return dns.resolver.Resolver(filename=self.resolv_conf)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = self.nameservers
+        resolver.port = self.port
+        return resolver
+
+
+def _hosts_file_names(path: str) -> set[str]:
+    """Every name ``/etc/hosts`` gives an address, lower-cased; read afresh, as getaddrinfo does."""
+    names: set[str] = set()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as hosts:
+            for line in hosts:
+                names.update(name.rstrip(".").lower() for name in line.split("#", 1)[0].split()[1:])
+    except OSError:
+        pass
+    return names
+
+
+#: The one TTL source of the process: its threads serve every service's resolver.
+dns_record_ttl = DnsRecordTtl()
 
 
 class Resolver:
-    """Resolves host names to endpoints of one address family (or both)."""
+    """Resolves host names to endpoints of one address family (or both).
+
+    ``record_ttl(host, family)`` gives the TTL of the name's records, or None;
+    by default DNS itself, when addresses come from the system's getaddrinfo.
+    An injected ``getaddrinfo`` (tests) comes with no TTLs unless given some.
+    """
 
     def __init__(
         self,
         family: int = socket.AF_UNSPEC,
         ttl: float = 30.0,
-        getaddrinfo: Callable = gevent.socket.getaddrinfo,
+        getaddrinfo: Callable | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_lookup: Callable[[bool], None] | None = None,
+        record_ttl: Callable[[str, int], float | None] | None = None,
     ) -> None:
         self.family = family
         self._on_lookup = on_lookup
         self.ttl = ttl
+        if getaddrinfo is None:
+            getaddrinfo, record_ttl = gevent.socket.getaddrinfo, record_ttl or dns_record_ttl
         self._getaddrinfo = getaddrinfo
+        self._record_ttl = record_ttl
         self._clock = clock
         self._cache: dict[tuple[str, int], tuple[float, list[Endpoint]]] = {}
         self._pending: dict[tuple[str, int], AsyncResult] = {}
+        self._ttl_queries: set[tuple[str, int]] = set()
 
     def resolve(self, host: str, port: int) -> list[Endpoint]:
         """Endpoints for ``host``, in the order the system prefers; raises ResolveError."""
@@ -83,10 +180,28 @@ class Resolver:
             self._report(True)
             pending.set(endpoints)
             if self.ttl > 0:
-                self._cache[key] = (self._clock() + self.ttl, endpoints)
+                answered = self._clock()
+                entry = self._cache[key] = (answered + self.ttl, endpoints)
+                if self._record_ttl is not None and key not in self._ttl_queries:
+                    self._ttl_queries.add(key)
+                    gevent.spawn(self._expire_with_record_ttl, key, entry, answered)
             return endpoints
         finally:
             del self._pending[key]
+
+    def _expire_with_record_ttl(self, key: tuple[str, int], entry: tuple[float, list[Endpoint]],
+                                answered: float) -> None:
+        """Shorten a cached answer's life to its record's TTL (never under MIN_REUSE), once DNS tells it."""
+        try:
+            seconds = self._record_ttl(key[0], self.family)
+        finally:
+            self._ttl_queries.discard(key)
+        if seconds is None or self._cache.get(key) is not entry:  # no TTL, or a newer answer is cached
+            return
+        reuse = min(self.ttl, max(seconds, MIN_REUSE))
+        self._cache[key] = (answered + reuse, entry[1])
+        log.debug("%s: %d address(es), reused for %gs (DNS TTL %gs, --dns-ttl %gs)",
+                  key[0], len(entry[1]), reuse, seconds, self.ttl)
 
     def _report(self, ok: bool) -> None:
         if self._on_lookup is not None:

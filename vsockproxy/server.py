@@ -12,90 +12,25 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import resource
 import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import gevent
 import gevent.socket
-from gevent.hub import get_hub
 from gevent.pool import Pool
-from gevent.server import StreamServer
 
-from vsockproxy.allowlist import Target
-from vsockproxy.metrics import Metrics, ServiceMetrics
+from vsockproxy.listen import AcceptingServer, accept_batch, describe_peer
+from vsockproxy.metrics import ServiceMetrics
 from vsockproxy.pipe import Flow, PeerError, pipe
-from vsockproxy.resolver import Endpoint, ResolveError, Resolver
+from vsockproxy.resolver import Endpoint, ResolveError
 
 log = logging.getLogger("vsockproxy")
 
-VMADDR_CID_ANY = socket.VMADDR_CID_ANY
-#: Errors from accept() that mean "out of resources for now", not "the listener is broken".
-TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
-                                     errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
-
-
-#: Connections accepted per loop pass while descriptors are plentiful, so that a burst leaves
-#: the kernel's accept queue quickly: vsock refuses a connect outright when that queue is full.
-ACCEPT_BATCH = 32
-
-
-def _far_from_fd_limit(newest_fd: int, in_use: int) -> bool:
-    """Whether a whole batch of connections (two fds each) still fits under RLIMIT_NOFILE.
-
-    Linux hands out the lowest free descriptor, so the newest one is a lower bound,
-    at no cost, on how many are open.  Near the limit the server takes one connection
-    per loop pass, so each handler opens its target socket before the next accept
-    takes another descriptor; otherwise all of them could be left without one.
-    """
-    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(newest_fd, in_use) + 4 * ACCEPT_BATCH < soft_limit
-
-
-class ListenError(Exception):
-    """The vsock listener could not be set up; the message says why in one line."""
-
-
-class AcceptDeferred(Exception):
-    """accept() failed transiently; gevent's server backs off and retries (already logged)."""
-
-
-def vsock_listener(cid: int, port: int, backlog: int) -> socket.socket:
-    """A non-blocking AF_VSOCK stream socket listening on ``(cid, port)``."""
-    where = f"vsock {'any CID' if cid == VMADDR_CID_ANY else f'CID {cid}'} port {port}"
-    try:
-        listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise ListenError(f"cannot create a vsock socket: {exc.strerror} "
-                          "(does this kernel have the vsock module loaded?)") from None
-    return start_listening(listener, (cid, port), backlog, where,
-                           {errno.EADDRNOTAVAIL: f"CID {cid} is not this machine's"})
-
-
-def start_listening(listener: socket.socket, address: tuple, backlog: int, where: str,
-                    reasons: dict[int, str] | None = None) -> socket.socket:
-    """Bind, listen and go non-blocking, or close ``listener`` and raise a one-line ListenError.
-
-    ``reasons`` words particular errnos for this kind of address.
-    """
-    try:
-        listener.bind(address)
-        listener.listen(backlog)
-        listener.setblocking(False)
-    except OSError as exc:
-        listener.close()
-        reason = {errno.EADDRINUSE: "it is already in use", **(reasons or {})}.get(exc.errno, exc.strerror)
-        raise ListenError(f"cannot listen on {where}: {reason}") from None
-    return listener
-
-
-def describe_peer(address: object) -> str:
-    """``cid:port`` for vsock (and ``ip:port`` for stand-in TCP) peers."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address) or "local"
+#: SO_LINGER on with a zero timeout: close() sends a reset instead of a FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @dataclass(frozen=True)
@@ -106,8 +41,8 @@ class Route:
     route they started with.
     """
 
-    target: Target
-    resolver: Resolver
+    target: str                                 # host:port, as the log names it
+    endpoints: Callable[[], list[Endpoint]]     # the allowed addresses to try now; raises ResolveError
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0
 
@@ -116,103 +51,21 @@ class ConnectError(Exception):
     """No allowed address of the target accepted a connection."""
 
 
-class VsockProxyServer(StreamServer):
-    """Accepts enclave connections on vsock and forwards each along ``route``.
+class VsockProxyServer(AcceptingServer):
+    """Accepts enclave connections on ``listener`` and forwards each along ``route``.
 
-    ``listener`` replaces the vsock socket in tests: any listening stream
-    socket (Unix or TCP) will do.
+    The listener is vsock in production; any listening stream socket (TCP, Unix) serves in tests.
     """
 
-    def __init__(
-        self,
-        route: Route,
-        *,
-        port: int = 0,
-        cid: int = VMADDR_CID_ANY,
-        num_workers: int = 4,
-        backlog: int = 4096,
-        metrics: ServiceMetrics | None = None,
-        listener: socket.socket | None = None,
-    ) -> None:
-        if listener is None:
-            listener = vsock_listener(cid, port, backlog)
+    def __init__(self, listener: socket.socket, route: Route, *, num_workers: int,
+                 metrics: ServiceMetrics) -> None:
         super().__init__(listener, spawn=Pool(num_workers))
         self.max_accept = 1  # until the first accept shows how many descriptors are free
         # Read once: each read of socket.family and .type builds an IntEnum.
         self._accepted_kind = (listener.family, listener.type, listener.proto)
         self.route = route
-        self.metrics = metrics if metrics is not None else Metrics().service(str(port))
+        self.metrics = metrics
         self._retired_pools: list[Pool] = []
-
-    @property
-    def num_workers(self) -> int:
-        return self.pool.size
-
-    @property
-    def active_connections(self) -> int:
-        return len(self.pool) + sum(len(pool) for pool in self._retired_pools)
-
-    def resize(self, num_workers: int) -> None:
-        """Serve new connections from a pool of the new size; open ones finish in the old pool."""
-        if num_workers == self.pool.size:
-            return
-        self._retired_pools = [pool for pool in self._retired_pools if len(pool)]
-        self._retired_pools.append(self.pool)
-        self.pool._semaphore.unlink(self._start_accepting_if_started)
-        self.set_spawn(Pool(num_workers))
-        if not self.closed and not self.full():
-            self._start_accepting_if_started()
-
-    def start(self) -> None:
-        hub = get_hub()
-        if AcceptDeferred not in hub.NOT_ERROR:
-            hub.NOT_ERROR = hub.NOT_ERROR + (AcceptDeferred,)
-        super().start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Close the listener, let open connections finish for ``timeout`` seconds, then end them."""
-        self.close()
-        pools = [self.pool, *self._retired_pools]
-        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
-        for pool in pools:
-            pool.join(timeout=max(0.0, deadline - time.monotonic()))
-        for pool in pools:
-            pool.kill(block=True, timeout=1)
-
-    def kill_connections(self) -> None:
-        for pool in (self.pool, *self._retired_pools):
-            pool.kill(block=False)
-
-    def stop_accepting(self) -> None:
-        if not self.closed and self.full():
-            self.metrics.pool_paused()
-        super().stop_accepting()
-
-    def start_accepting(self) -> None:
-        self.metrics.pool_resumed()
-        super().start_accepting()
-
-    def do_read(self):
-        """Accept one connection as a plain non-blocking socket.
-
-        The pipes drive raw descriptors with their own io watchers, so gevent's
-        socket wrapper (and its two watchers) would be built only to be closed.
-        accept() running out of fds or memory is logged once per try, and
-        gevent's server backs off.
-        """
-        try:
-            fd, address = self.socket._accept()
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
-                raise
-            log.warning("accept failed: %s; retrying in %.2f s", exc.strerror, self.delay)
-            raise AcceptDeferred(exc.strerror) from None
-        self.max_accept = ACCEPT_BATCH if _far_from_fd_limit(fd, 2 * self.active_connections) else 1
-        enclave = socket.socket(*self._accepted_kind, fileno=fd)
-        enclave.setblocking(False)
-        return enclave, address
 
     def handle(self, enclave: socket.socket, address: object) -> None:
         """Serve one enclave connection; gevent closes ``enclave`` when this returns."""
@@ -240,6 +93,7 @@ class VsockProxyServer(StreamServer):
             return
         up = Flow(enclave, "enclave", upstream, "target")
         down = Flow(upstream, "target", enclave, "enclave")
+        metrics.relaying(up, down)
         ending = "shutdown"
         try:
             ending = relay(up, down, route.idle_timeout)
@@ -248,15 +102,78 @@ class VsockProxyServer(StreamServer):
                 _reset_on_close(enclave)
                 _reset_on_close(upstream)
             upstream.close()
-            metrics.closed(None if ending == "eof" else ending.split("(")[0], up.bytes, down.bytes)
+            metrics.closed(None if ending == "eof" else ending.split("(")[0], up, down)
             log.info("closed enclave=%s target=%s up=%d down=%d duration=%.3fs end=%s",
                      peer, endpoint, up.bytes, down.bytes, time.monotonic() - started, ending)
+
+
+    @property
+    def num_workers(self) -> int:
+        return self.pool.size
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.pool) + sum(len(pool) for pool in self._retired_pools)
+
+    def resize(self, num_workers: int) -> None:
+        """Serve new connections from a pool of the new size; open ones finish in the old pool.
+
+        A slot freed in an old pool still calls start_accepting(), which then finds
+        the current pool full and keeps the listener paused.
+        """
+        if num_workers == self.pool.size:
+            return
+        self._retired_pools = [pool for pool in self._retired_pools if len(pool)]
+        self._retired_pools.append(self.pool)
+        self.set_spawn(Pool(num_workers))
+        if self.started:
+            self.start_accepting()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Close the listener, let open connections finish for ``timeout`` seconds, then end them."""
+        self.close()
+        pools = [self.pool, *self._retired_pools]
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        for pool in pools:
+            pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        for pool in pools:
+            pool.kill(block=True, timeout=1)
+
+    def kill_connections(self) -> None:
+        for pool in (self.pool, *self._retired_pools):
+            pool.kill(block=False)
+
+    def stop_accepting(self) -> None:
+        if not self.started:  # closing: a listener that is gone keeps no pause open
+            self.metrics.pool_resumed()
+        elif self.full():
+            self.metrics.pool_paused()
+        super().stop_accepting()
+
+    def start_accepting(self) -> None:
+        if self.full():
+            return
+        self.metrics.pool_resumed()
+        super().start_accepting()
+
+    def accept_connection(self) -> tuple[socket.socket, object]:
+        """Accept one connection as a plain non-blocking socket.
+
+        The pipes drive raw descriptors with their own io watchers, so gevent's
+        socket wrapper (and its two watchers) would be built only to be closed.
+        ``_accept()`` is what gevent's own StreamServer.do_read calls (gevent 26.9).
+        """
+        fd, address = self.socket._accept()
+        self.max_accept = accept_batch(fd, 2 * self.active_connections)
+        enclave = socket.socket(*self._accepted_kind, fileno=fd)
+        enclave.setblocking(False)
+        return enclave, address
 
 
 def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
     """Try each allowed address in turn; the first that accepts wins."""
     failures = []
-    for endpoint in route.target.endpoints(route.resolver):
+    for endpoint in route.endpoints():
         try:
             upstream = socket.socket(endpoint.family, socket.SOCK_STREAM)
         except OSError as exc:  # out of fds or memory: this connection fails, the server does not

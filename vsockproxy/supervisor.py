@@ -9,27 +9,37 @@ Once the drain has begun, no reload commits: nothing new may open then.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
+import select
 import signal
 import socket
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable
 
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
-from gevent.pywsgi import WSGIServer
 
-from vsockproxy.allowlist import ConfigError, NotAllowed, ServiceSpec, load_config
+from vsockproxy.allowlist import NotAllowed, Target
+from vsockproxy.config import ConfigError, FileConfig, Options, Service, configure, load_file, parse_bind_address
+from vsockproxy.listen import Listen, ListenError
+from vsockproxy.loader import load_file_in_child
 from vsockproxy.metrics import Metrics
+from vsockproxy.metrics_server import MetricsServer, metrics_listener
 from vsockproxy.notify import Notifier
 from vsockproxy.resolver import Resolver
-from vsockproxy.server import ListenError, Route, VsockProxyServer, vsock_listener
+from vsockproxy.server import Route, VsockProxyServer
 
 log = logging.getLogger("vsockproxy")
 
 STATUS_INTERVAL = 5.0
+#: A service whose workers have all been busy this long, with connections waiting, gets a warning...
+POOL_FULL_WARNING_AFTER = 10.0
+#: ...at most this often.
+POOL_FULL_WARNING_EVERY = 60.0
+POOL_FULL_CHECK_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -37,106 +47,102 @@ class StartupError(Exception):
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One service as it should run: its settings with defaults filled in, and its route."""
+class Authorized:
+    """A service the allowlist allows: its settings, its target, and the route its connections take."""
 
-    spec: ServiceSpec
+    service: Service
+    target: Target
+    resolver: Resolver
     route: Route
 
 
 class Supervisor:
-    """Owns the listeners, the metrics endpoint and the signal handling of one process."""
+    """Owns the listeners, the metrics endpoint and the signal handling of one process.
 
-    def __init__(self, settings: argparse.Namespace, notifier: Notifier | None = None,
+    ``listen`` makes each service's listening socket from its port: vsock in
+    production (see cli.py), TCP in tests and benchmarks.
+    """
+
+    def __init__(self, options: Options, listen: Listen, notifier: Notifier | None = None,
                  metrics: Metrics | None = None) -> None:
-        self.settings = settings
+        self.options = options
+        self.listen = listen
         self.notifier = notifier if notifier is not None else Notifier()
         self.metrics = metrics if metrics is not None else Metrics()
         self.servers: dict[int, VsockProxyServer] = {}
-        self._plans: dict[int, Plan] = {}
+        self._authorized: dict[int, Authorized] = {}
         self._retiring: list[VsockProxyServer] = []
         self._reload_lock = Semaphore()
         self._reload_pending = False
         self._stopping = Event()
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._pool_watcher: gevent.Greenlet | None = None
 
     # -- configuration -------------------------------------------------------------------------
 
-    def plan(self) -> dict[int, Plan]:
-        """Read the file and authorize every service; raises ConfigError, NotAllowed or StartupError."""
-        settings = self.settings
-        config = load_config(settings.config)
-        specs = [self._with_defaults(spec) for spec in config.services]
-        if settings.local_port is not None:
-            if any(spec.listen_port == settings.local_port for spec in specs):
-                raise StartupError(f"vsock port {settings.local_port} is both on the command line "
-                                   f"and in {settings.config}")
-            specs.insert(0, self._with_defaults(ServiceSpec(settings.local_port, settings.remote_addr,
-                                                            settings.remote_port)))
-        if not specs:
-            raise StartupError(f"nothing to serve: give LOCAL_PORT REMOTE_ADDR REMOTE_PORT "
-                               f"or list services in {settings.config}")
-        plans = {}
-        for spec in specs:
-            old = self._plans.get(spec.listen_port)
-            family = _family(spec)
-            if old is not None and _family(old.spec) == family:
-                resolver = old.route.resolver
-            else:
-                resolver = Resolver(family, settings.dns_ttl,
-                                    on_lookup=self.metrics.service(str(spec.listen_port)).dns)
+    def authorize(self, read: Callable[[str], FileConfig] = load_file) -> dict[int, Authorized]:
+        """Read the file with ``read`` and authorize every service; raises ConfigError or NotAllowed.
+
+        Start-up reads it in this process (nothing to stall yet), a reload in a child process.
+        """
+        config = configure(read(self.options.config_path), self.options)
+        authorized = {}
+        for service in config.services:
+            resolver = self._resolver_for(service)
             try:
-                target = config.allowlist.authorize(spec.address, spec.port, resolver)
+                target = config.allowlist.authorize(service.address, service.port, resolver)
             except NotAllowed as exc:
-                raise NotAllowed(f"{spec}: {exc}") from None
-            plans[spec.listen_port] = Plan(spec, Route(target, resolver, spec.connect_timeout,
-                                                       spec.idle_timeout))
-        return plans
+                raise NotAllowed(f"{service}: {exc}") from None
+            route = Route(str(target), partial(target.endpoints, resolver), service.connect_timeout,
+                          service.idle_timeout)
+            authorized[service.listen_port] = Authorized(service, target, resolver, route)
+        return authorized
 
-    def _with_defaults(self, spec: ServiceSpec) -> ServiceSpec:
-        settings = self.settings
-        explicit_family = spec.ipv4 or spec.ipv6
-        return replace(
-            spec,
-            num_workers=spec.num_workers or settings.num_workers,
-            ipv4=spec.ipv4 if explicit_family else settings.ipv4,
-            ipv6=spec.ipv6 if explicit_family else settings.ipv6,
-            connect_timeout=spec.connect_timeout or settings.connect_timeout,
-            idle_timeout=settings.idle_timeout if spec.idle_timeout is None else spec.idle_timeout,
-        )
+    def _resolver_for(self, service: Service) -> Resolver:
+        """The service's resolver (and its cache) carries over a reload unless its address family changed."""
+        running = self._authorized.get(service.listen_port)
+        if running is not None and running.service.family == service.family:
+            return running.resolver
+        return Resolver(service.family, self.options.dns_ttl, on_lookup=self._dns_counter(str(service.listen_port)))
 
-    def _listen(self, plan: Plan) -> VsockProxyServer:
-        settings = self.settings
-        listener = vsock_listener(settings.cid, plan.spec.listen_port, settings.backlog)
-        return VsockProxyServer(plan.route, port=plan.spec.listen_port, num_workers=plan.spec.num_workers,
-                                metrics=self.metrics.service(str(plan.spec.listen_port)), listener=listener)
+    def _dns_counter(self, service: str) -> Callable[[bool], None]:
+        """Counts into the service's figures of the moment: a resolver outlives reloads, and they may renew them."""
+        return lambda ok: self.metrics.service(service).dns(ok)
+
+    def _serve(self, authorized: Authorized) -> VsockProxyServer:
+        port = authorized.service.listen_port
+        return VsockProxyServer(self.listen(port), authorized.route, num_workers=authorized.service.num_workers,
+                                metrics=self.metrics.service(str(port)))
 
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Bind every listener (all or none), start serving, then tell systemd we are ready."""
-        plans = self.plan()
-        servers = self._bind_all(plans.values())
-        if self.settings.metrics_address:
+        authorized = self.authorize()
+        servers = self._bind_all(authorized.values())
+        if self.options.metrics_address:
             try:
-                self._start_metrics(self.settings.metrics_address)
+                self._start_metrics(self.options.metrics_address)
             except StartupError:
                 for server in servers.values():
                     server.close()
                 raise
-        self._plans, self.servers = plans, servers
+        self._authorized, self.servers = authorized, servers
+        self.metrics.serving(str(port) for port in servers)
         for port, server in servers.items():
             server.start()
             log.info("listening on vsock port %d, forwarding to %s (allowed by %s), %d worker(s)",
-                     port, plans[port].route.target, plans[port].route.target.allowed_by,
-                     plans[port].spec.num_workers)
+                     port, authorized[port].target, authorized[port].target.allowed_by,
+                     authorized[port].service.num_workers)
+        self._pool_watcher = gevent.spawn(self._watch_pools)
         self.notifier.ready(self.status())
 
-    def _bind_all(self, plans) -> dict[int, VsockProxyServer]:
+    def _bind_all(self, services: Iterable[Authorized]) -> dict[int, VsockProxyServer]:
+        """A server for each service (all or none), not yet started."""
         servers: dict[int, VsockProxyServer] = {}
         try:
-            for plan in plans:
-                servers[plan.spec.listen_port] = self._listen(plan)
+            for authorized in services:
+                servers[authorized.service.listen_port] = self._serve(authorized)
         except ListenError:
             for server in servers.values():
                 server.close()
@@ -144,13 +150,13 @@ class Supervisor:
         return servers
 
     def _start_metrics(self, address: str) -> None:
-        host, port = parse_host_port(address)
+        host, port = parse_bind_address(address)
         try:
-            self._metrics_server = WSGIServer((host, port), self.metrics.wsgi_app(), log=None, error_log=log)
-            self._metrics_server.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise StartupError(f"cannot serve metrics on {address}: {reason}") from None
+            listener = metrics_listener(host, port)
+        except OSError as exc:  # socket.gaierror too: its strerror is the resolver's message
+            raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        self._metrics_server = MetricsServer(listener, self.metrics.registry)
+        self._metrics_server.start()
         log.info("metrics on http://%s/metrics", address)
 
     def reload(self) -> bool:
@@ -169,33 +175,35 @@ class Supervisor:
 
     def _reload(self) -> bool:
         try:
-            plans = self.plan()
-            added = self._bind_all(plan for port, plan in plans.items() if port not in self.servers)
+            authorized = self.authorize(load_file_in_child)
+            added = self._bind_all(new for port, new in authorized.items() if port not in self.servers)
         except (ConfigError, NotAllowed, StartupError, ListenError) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             return False
-        if self._stopping.is_set():  # the drain began while plan() waited on DNS
+        if self._stopping.is_set():  # the drain began while authorize() waited on DNS
             for server in added.values():
                 server.close()
             log.warning("reload refused: shutting down")
             return False
-        for port in [port for port in self.servers if port not in plans]:
+        for port in [port for port in self.servers if port not in authorized]:
             server = self.servers.pop(port)
             server.close()
             self._retiring.append(server)
             log.info("reload: vsock port %d no longer served (%d open connection(s) continue)",
                      port, server.active_connections)
         for port, server in self.servers.items():
-            server.route = plans[port].route
-            server.resize(plans[port].spec.num_workers)
-            if plans[port] != self._plans[port]:
-                log.info("reload: vsock port %d now forwards to %s", port, plans[port].route.target)
+            new, old = authorized[port], self._authorized[port]
+            server.route = new.route
+            server.resize(new.service.num_workers)
+            if (new.service, new.target) != (old.service, old.target):
+                log.info("reload: vsock port %d now forwards to %s", port, new.target)
         for port, server in added.items():
             server.start()
             self.servers[port] = server
-            log.info("reload: listening on vsock port %d, forwarding to %s", port, plans[port].route.target)
-        self._plans = plans
+            log.info("reload: listening on vsock port %d, forwarding to %s", port, authorized[port].target)
+        self._authorized = authorized
         self._retiring = [server for server in self._retiring if server.active_connections]
+        self.metrics.serving(str(port) for port in self.servers)
         log.info("reload applied: %d service(s)", len(self.servers))
         return True
 
@@ -212,6 +220,8 @@ class Supervisor:
         log.info("stopping: listeners closed, waiting up to %gs for %d open connection(s)", grace, active)
         self.notifier.stopping(f"draining {active} connection(s)")
         gevent.joinall([gevent.spawn(server.stop, grace) for server in servers])
+        if self._pool_watcher is not None:
+            self._pool_watcher.kill()
         if self._metrics_server is not None:
             self._metrics_server.stop(timeout=0)
         log.info("stopped")
@@ -264,7 +274,7 @@ class Supervisor:
             for handler in handlers[:2]:  # after the new ones are in: no instant at SIG_DFL
                 handler.cancel()
             handlers[:2] = draining
-            self.drain(self.settings.shutdown_grace)
+            self.drain(self.options.shutdown_grace)
         finally:
             if reporter is not None:
                 reporter.kill()
@@ -279,7 +289,7 @@ class Supervisor:
         """SIGHUP: reload now; while starting, once started (the file may have changed since it was read)."""
         if self._stopping.is_set():
             log.warning("reload refused: shutting down")
-        elif self._plans:
+        elif self._authorized:
             gevent.spawn(self.reload)
         elif not self._reload_pending:
             self._reload_pending = True
@@ -290,16 +300,29 @@ class Supervisor:
             gevent.sleep(STATUS_INTERVAL)
             self.notifier.send(STATUS=self.status())
 
+    def _watch_pools(self) -> None:
+        """Say when a service's workers have all been busy for long while connections wait for one.
 
-def _family(spec: ServiceSpec) -> int:
-    return socket.AF_INET if spec.ipv4 else socket.AF_INET6 if spec.ipv6 else socket.AF_UNSPEC
+        The default of four workers lets four clients that keep their connections
+        open block everyone else, silently but for this warning.
+        """
+        quiet_until: dict[int, float] = {}
+        while True:
+            gevent.sleep(POOL_FULL_CHECK_INTERVAL)
+            for port, server in list(self.servers.items()):
+                busy_for, now = server.metrics.pool_full_for(), time.monotonic()
+                if (busy_for < POOL_FULL_WARNING_AFTER or now < quiet_until.get(port, 0.0)
+                        or not _connections_waiting(server.socket)):
+                    continue
+                quiet_until[port] = now + POOL_FULL_WARNING_EVERY
+                log.warning("vsock port %d: all %d worker(s) have been busy for %.0f s while connections wait "
+                            "in the listen backlog; raise --num_workers (or the service's num_workers), or set "
+                            "--idle-timeout so that idle connections give their worker up",
+                            port, server.num_workers, busy_for)
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` into a bind address; raises ValueError."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]") and len(host) > 2:
-        host = host[1:-1]
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host or any(c in host for c in "[]"):
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+def _connections_waiting(listener: socket.socket) -> bool:
+    """Whether the listen backlog holds a connection, i.e. the listener is readable now."""
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    return bool(poller.poll(0))

@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Run the real ``vsock-proxy`` command, listening on a socat-style address.
+"""Run the real ``vsock-proxy`` command, listening on TCP instead of vsock where asked.
 
-    run_vsockproxy.py LISTEN REMOTE_ADDR REMOTE_PORT [vsock-proxy options...]
+    run_vsockproxy.py VSOCK-LISTEN:PORT|TCP-LISTEN:PORT[,bind=HOST] REMOTE_ADDR REMOTE_PORT [options...]
+    run_vsockproxy.py --stand-in [vsock-proxy arguments...]
 
-LISTEN is what the bench's ``{listen}`` placeholder expands to:
-  VSOCK-LISTEN:PORT                  the real thing: ``vsock-proxy PORT ...`` unchanged (inside the VM);
-  TCP-LISTEN:PORT[,bind=HOST]        the host stand-in: the same command, CLI, allowlist, logging and
-  TCP4-LISTEN / TCP6-LISTEN          signal handling, except that its listener is a TCP socket on
-                                     HOST:PORT (default 127.0.0.1) instead of vsock PORT.
+The first form is what the bench's ``{listen}`` placeholder expands to: VSOCK-LISTEN runs
+``vsock-proxy PORT ...`` unchanged (inside the VM); TCP-LISTEN (or TCP4-/TCP6-LISTEN) runs the same
+command with its listener on TCP HOST:PORT (default 127.0.0.1).
 
-Only the listener factory (``vsock_listener``) is swapped, wherever vsockproxy imported it, so the
-proxy under test is the product's own code path from option parsing to SIGTERM.
+The second form is the test suites' stand-in: every service's vsock port P listens on TCP 127.0.0.1,
+on the port that $STAND_IN_PORTS maps P to ("5005=40001,5006=40002"), or any free port, and logs
+``stand-in listener: vsock port P is tcp HOST:PORT`` before the proxy's own "listening" line.
+
+Both run the product's own entry point (vsockproxy.__main__.main) and hand it a listener factory,
+so everything from option parsing to SIGTERM is the real code path.  Importing this module is cheap
+(no gevent), so a signal's start-up window is the real command's.
 """
 
 from __future__ import annotations
@@ -23,44 +27,59 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from vsockproxy.__main__ import main as vsock_proxy  # noqa: E402  (light: the heavy imports come later)
+
 LISTEN_RE = re.compile(r"^(?P<kind>VSOCK-LISTEN|TCP-LISTEN|TCP4-LISTEN|TCP6-LISTEN):(?P<port>\d+)(?P<opts>(,[^,]*)*)$",
                        re.IGNORECASE)
+USAGE = ("usage: run_vsockproxy.py VSOCK-LISTEN:PORT|TCP-LISTEN:PORT[,bind=HOST] REMOTE_ADDR REMOTE_PORT "
+         "[vsock-proxy options] | --stand-in [vsock-proxy arguments]")
+
+
+def tcp_listener_factory(host: str, port_for):
+    """A vsock-proxy listener factory that listens on TCP ``host``, port ``port_for(vsock_port)``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def listen(vsock_port: int, *, cid: int, backlog: int) -> socket.socket:
+        from vsockproxy.listen import start_listening
+
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited: vsock has no Nagle either
+        return start_listening(listener, (host, port_for(vsock_port)), backlog, f"tcp {host}:{vsock_port}")
+
+    return listen
+
+
+def stand_in_factory():
+    """The test suites' listeners: 127.0.0.1, at $STAND_IN_PORTS's port or any, each logged."""
+    mapping = dict(item.split("=") for item in os.environ.get("STAND_IN_PORTS", "").split(",") if item)
+    listen_tcp = tcp_listener_factory("127.0.0.1", lambda port: int(mapping.get(str(port), 0)))
+
+    def listen(vsock_port: int, *, cid: int, backlog: int) -> socket.socket:
+        import logging
+
+        listener = listen_tcp(vsock_port, cid=cid, backlog=backlog)
+        host, tcp_port = listener.getsockname()[:2]
+        logging.getLogger("vsockproxy").info("stand-in listener: vsock port %d is tcp %s:%d", vsock_port, host,
+                                             tcp_port)
+        return listener
+
+    return listen
 
 
 def main(argv: list[str]) -> int:
-    if not argv or not LISTEN_RE.match(argv[0]):
-        print("usage: run_vsockproxy.py VSOCK-LISTEN:PORT|TCP-LISTEN:PORT[,bind=HOST] REMOTE_ADDR REMOTE_PORT "
-              "[vsock-proxy options]", file=sys.stderr)
+    if argv[:1] == ["--stand-in"]:
+        return vsock_proxy(argv[1:], stand_in_factory())
+    match = LISTEN_RE.match(argv[0]) if argv else None
+    if match is None:
+        print(USAGE, file=sys.stderr)
         return 2
-    match = LISTEN_RE.match(argv[0])
-    kind, port = match["kind"].upper(), int(match["port"])
+    kind, port = match["kind"].upper(), match["port"]
     options = dict(opt.partition("=")[::2] for opt in match["opts"].split(",") if opt)
-    rest = argv[1:]
-
-    from vsockproxy import cli
-    import vsockproxy.server as server_module
-
-    if kind != "VSOCK-LISTEN":
-        host = options.get("bind") or ("::1" if kind == "TCP6-LISTEN" else "127.0.0.1")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        original = server_module.vsock_listener
-
-        def tcp_listener(cid: int, vsock_port: int, backlog: int) -> socket.socket:
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            return server_module.start_listening(listener, (host, vsock_port), backlog,
-                                                 f"tcp {host}:{vsock_port}")
-
-        patched = 0
-        for name, module in list(sys.modules.items()):
-            if name.split(".")[0] == "vsockproxy" and getattr(module, "vsock_listener", None) is original:
-                module.vsock_listener = tcp_listener
-                patched += 1
-        if not patched:  # pragma: no cover - the product was refactored; this runner must follow
-            print("run_vsockproxy: vsockproxy has no vsock_listener() to replace; update this runner",
-                  file=sys.stderr)
-            return 1
-    return cli.main([str(port), *rest])
+    if kind == "VSOCK-LISTEN":
+        return vsock_proxy([port, *argv[1:]])
+    host = options.get("bind") or ("::1" if kind == "TCP6-LISTEN" else "127.0.0.1")
+    return vsock_proxy([port, *argv[1:]], tcp_listener_factory(host, lambda vsock_port: vsock_port))
 
 
 if __name__ == "__main__":

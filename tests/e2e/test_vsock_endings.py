@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import cli_env, echo
-from tests.e2e.conftest import (IO_TIMEOUT, ProxyProcess, ThreadedTarget, free_vsock_port, recv_all,
+from tests.helpers import cli_env, echo
+from tests.e2e.vsock import (IO_TIMEOUT, ProxyProcess, ThreadedTarget, free_vsock_port, recv_all,
                                 recv_exactly, vsock_connect, vsock_proxy_command)
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import cli_env, echo
-from tests.e2e.conftest import (IO_TIMEOUT, ProxyProcess, ThreadedTarget, free_vsock_port, recv_all, recv_exactly,
+from tests.helpers import cli_env, echo
+from tests.e2e.vsock import (IO_TIMEOUT, ProxyProcess, ThreadedTarget, free_vsock_port, recv_all, recv_exactly,
                                 vsock_connect, vsock_proxy_command)
 from tests.test_faults import (_sysctl_int, wait_stalled, CHUNK_BYTES, ThreadTarget, closed_how, problems_in,
                                socket_fd_count, wait_socket_fds)

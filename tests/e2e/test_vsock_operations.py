@@ -17,8 +17,8 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import IO_TIMEOUT, free_vsock_port, recv_exactly, vsock_connect
-from tests.conftest import echo
+from tests.e2e.vsock import IO_TIMEOUT, free_vsock_port, recv_exactly, refused, vsock_connect
+from tests.helpers import echo
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 
@@ -37,14 +37,6 @@ def echo_once(port: int, payload: bytes = b"hello") -> bytes:
     with vsock_connect(port) as client:
         client.sendall(payload)
         return recv_exactly(client, len(payload))
-
-
-def refused(port: int) -> bool:
-    try:
-        vsock_connect(port, timeout=10).close()
-    except OSError:
-        return True
-    return False
 
 
 def free_tcp_port() -> int:

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.conftest import echo
-from tests.e2e.conftest import (IO_TIMEOUT, free_vsock_port, recv_all, recv_exactly, sha256_of_stream,
+from tests.helpers import echo
+from tests.e2e.vsock import (IO_TIMEOUT, free_vsock_port, recv_all, recv_exactly, sha256_of_stream,
                                 vsock_connect)
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]

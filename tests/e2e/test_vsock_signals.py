@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import echo
-from tests.e2e.conftest import IO_TIMEOUT, START_TIMEOUT, free_vsock_port, recv_all, recv_exactly, vsock_connect
+from tests.helpers import echo
+from tests.e2e.vsock import IO_TIMEOUT, START_TIMEOUT, free_vsock_port, recv_all, recv_exactly, refused, vsock_connect
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 
@@ -23,14 +23,6 @@ def services_yaml(target_port: int, listen_ports: list[int]) -> str:
     lines = ["allowlist:", f"- {{address: 127.0.0.1, port: {target_port}}}", "services:"]
     lines += [f"- {{listen_port: {port}, address: 127.0.0.1, port: {target_port}}}" for port in listen_ports]
     return "\n".join(lines) + "\n"
-
-
-def refused(port: int) -> bool:
-    try:
-        vsock_connect(port, timeout=10).close()
-    except OSError:
-        return True
-    return False
 
 
 def test_sighup_during_the_drain_opens_no_listener_and_the_held_connection_finishes(proxy, target):

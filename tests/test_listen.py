@@ -17,20 +17,12 @@ import time
 
 import pytest
 
-from tests.conftest import assert_one_line_error
+from tests.helpers import assert_one_line_error, free_vsock_port, vsock_available
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _vsock_available() -> bool:
-    try:
-        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
-        return True
-    except (AttributeError, OSError):
-        return False
-
-
-if not _vsock_available():
+if not vsock_available():
     pytest.skip("no AF_VSOCK on this kernel", allow_module_level=True)
 
 
@@ -53,15 +45,6 @@ def vsock_port_in_use(port: int) -> bool:
             return True
         raise
     return False
-
-
-def free_vsock_port() -> int:
-    """A random high vsock port nothing is bound to right now."""
-    for _ in range(20):
-        port = random.randint(20000, 60000)
-        if not vsock_port_in_use(port):
-            return port
-    raise AssertionError("no free vsock port found in 20 tries")
 
 
 @pytest.fixture
@@ -159,7 +142,7 @@ def test_signal_right_after_listening_still_stops_cleanly(spawn, write_config, s
     Fails if the signal handlers are installed only after "listening" is logged (and READY=1 sent):
     SIGTERM then kills the process outright (-15) and SIGINT becomes a KeyboardInterrupt (130).
     """
-    from tests.conftest import cli_env
+    from tests.helpers import cli_env
 
     config = write_config([("127.0.0.1", 9)])
     port = free_vsock_port()

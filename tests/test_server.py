@@ -17,8 +17,8 @@ import gevent.event
 import gevent.socket
 import pytest
 
-from tests.conftest import (FakeDNS, assert_one_line_error, recv_all, recv_exactly, unused_tcp_port, wait_until)
-import vsockproxy.server as server_module
+from tests.helpers import (FakeDNS, assert_one_line_error, recv_all, recv_exactly, unused_tcp_port, wait_until)
+import vsockproxy.listen as listen_module
 from vsockproxy.resolver import Resolver
 
 pytestmark = pytest.mark.timeout(60)
@@ -264,14 +264,14 @@ def test_a_burst_is_accepted_in_batches_until_fds_run_short(make_proxy, tcp_targ
         client.settimeout(10)
         return client
 
-    burst = [connect_now() for _ in range(3 * server_module.ACCEPT_BATCH)]
+    burst = [connect_now() for _ in range(3 * listen_module.ACCEPT_BATCH)]
     try:
         wait_until(lambda: proxy.server.active_connections == len(burst), 10, "the burst to be accepted")
         assert max(per_pass.values()) > 1, per_pass
-        assert proxy.server.max_accept == server_module.ACCEPT_BATCH
+        assert proxy.server.max_accept == listen_module.ACCEPT_BATCH
 
-        soft, hard = server_module.resource.getrlimit(server_module.resource.RLIMIT_NOFILE)
-        monkeypatch.setattr(server_module.resource, "getrlimit", lambda _: (len(burst) * 2 + 64, hard))
+        soft, hard = listen_module.resource.getrlimit(listen_module.resource.RLIMIT_NOFILE)
+        monkeypatch.setattr(listen_module.resource, "getrlimit", lambda _: (len(burst) * 2 + 64, hard))
         near = connect_now()
         burst.append(near)
         wait_until(lambda: proxy.server.active_connections == len(burst), 10, "the last one to be accepted")

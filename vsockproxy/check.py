@@ -1,0 +1,75 @@
+"""``vsock-proxy --check``: would this configuration start, and can each service reach its target?
+
+It answers, before switching from upstream, "will my old allowlist pass?" with
+start-up's own checks (the supervisor's ``authorize()``: the file, the arguments,
+the allowlist), then resolves each service's target and connects to it once over
+TCP, as a connection from the enclave would.  Nothing listens, nothing connects
+over vsock and the service manager hears nothing, so it can run beside the
+proxy it is meant to replace.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from typing import TextIO
+
+import gevent
+import gevent.socket
+
+from vsockproxy.allowlist import NotAllowed
+from vsockproxy.config import ConfigError, Options
+from vsockproxy.logs import one_line
+from vsockproxy.notify import Notifier
+from vsockproxy.resolver import Endpoint
+from vsockproxy.supervisor import Authorized, Supervisor
+
+
+def run_check(options: Options, out: TextIO = sys.stdout) -> int:
+    """Print one line per service, ``ok`` or ``FAIL``; returns 0 if every one passed, else 1."""
+    try:
+        services = Supervisor(options, _never_listen, notifier=Notifier(address="")).authorize()
+    except (ConfigError, NotAllowed) as exc:  # what start-up would refuse, in its words
+        print(f"FAIL {one_line(str(exc))}", file=out)
+        return 1
+    checks = [gevent.spawn(check_service, service) for service in services.values()]
+    gevent.joinall(checks)
+    for check in checks:
+        print(one_line(check.value[1]), file=out)
+    return 0 if all(check.value[0] for check in checks) else 1
+
+
+def _never_listen(port: int) -> socket.socket:
+    raise AssertionError("--check listens on nothing")
+
+
+def check_service(authorized: Authorized) -> tuple[bool, str]:
+    """Resolve the service's target and connect to it: (passed, the line saying so)."""
+    target, service = authorized.target, authorized.service
+    try:
+        endpoints = authorized.route.endpoints()
+    except OSError as exc:  # ResolveError: no address, or none that the allowlist still admits
+        return False, f"FAIL {service}: {exc}"
+    failures = []
+    for endpoint in endpoints:
+        started = time.monotonic()
+        try:
+            _connect(endpoint, service.connect_timeout)
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, socket.timeout) else exc.strerror or str(exc)
+            failures.append(f"{endpoint}: {reason}")
+            continue
+        took = (time.monotonic() - started) * 1000
+        allowed = (f"allowed by {target.allowed_by}" if target.pinned_to is None
+                   else f"its addresses allowed by {target.allowed_by}")
+        count = f"{len(endpoints)} address{'' if len(endpoints) == 1 else 'es'}"
+        return True, f"ok   {service} ({allowed}, {count}, connected to {endpoint} in {took:.0f} ms)"
+    return False, f"FAIL {service}: cannot connect to " + "; ".join(failures)
+
+
+def _connect(endpoint: Endpoint, timeout: float) -> None:
+    """One TCP connect to ``endpoint`` within ``timeout``, closed again at once."""
+    with gevent.socket.socket(endpoint.family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(endpoint.sockaddr)
