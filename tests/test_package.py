@@ -13,19 +13,16 @@ from __future__ import annotations
 import glob
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import stat
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, LoggedProcess, unused_tcp_port
+from tests.helpers import REPO, LoggedProcess, free_vsock_port, unused_tcp_port
 from tests.test_init import imds  # noqa: F401 - the fake IMDS fixture, for the region helper under 3.9
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -166,21 +163,6 @@ def test_x86_64_bundle_serves_under_python39_offline(tmp_path):
     finally:
         process.kill()
     assert "Traceback" not in process.text()
-
-
-def free_vsock_port() -> int:
-    """A vsock port free on this host now (bound and released: never connect AF_VSOCK here)."""
-    for _ in range(100):
-        port = random.randint(20000, 60000)
-        probe = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        try:
-            probe.bind((socket.VMADDR_CID_ANY, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            probe.close()
-    raise RuntimeError("no free vsock port found")
 
 
 def assert_one_line_refusal(result: subprocess.CompletedProcess, *needles: str) -> None:

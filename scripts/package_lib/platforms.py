@@ -45,6 +45,9 @@ def complete_platform(arch: str, version: tuple[int, int]) -> dict:
     tags = [*cpython_tags(version, platforms=platforms), *compatible_tags(version, "cp%d%d" % version, platforms)]
     return {
         "marker_environment": {
+            # The patch release varies between instances; markers rarely test it (dnspython's do).
+            "implementation_version": python + ".0",
+            "python_full_version": python + ".0",
             "implementation_name": "cpython",
             "os_name": "posix",
             "platform_machine": arch,

@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-from tests.conftest import REPO
-from tests.e2e.conftest import START_TIMEOUT, ProxyProcess, free_vsock_port, recv_all, vsock_connect
+from tests.e2e.vsock import START_TIMEOUT, ProxyProcess, free_vsock_port, recv_all, vsock_connect
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 
