@@ -17,7 +17,7 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.9",
     packages=find_packages(include=["vsockproxy", "vsockproxy.*"]),
     install_requires=REQUIREMENTS,
     entry_points={"console_scripts": ["vsock-proxy = vsockproxy.__main__:main"]},
