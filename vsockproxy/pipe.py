@@ -34,8 +34,8 @@ from gevent.hub import Waiter, get_hub
 #: wake-up is what makes a single bulk stream fast, and a small one keeps ping-pong latency low.
 SMALL_CHUNK_BYTES = 64 * 1024
 CHUNK_BYTES = 2 * 1024 * 1024
-#: Bytes a pipe moves before it lets other connections run (see _copy_loop).
-FAIR_SHARE_BYTES = CHUNK_BYTES
+#: Bytes a pipe moves before it lets other connections run (see _copy_loop and _write_all).
+FAIR_SHARE_BYTES = 512 * 1024
 #: While a write waits for the peer's window, how often to make sure the peer still exists.
 PEER_CHECK_SECONDS = 1.0
 READ, WRITE = 1, 2
@@ -175,8 +175,10 @@ def _copy_loop(flow: Flow, readable, hub) -> None:
 def _write_all(flow: Flow, data: memoryview, hub) -> None:
     """Write all of ``data``, counting each byte as it goes out, parking whenever the peer's window is full.
 
-    Most chunks go out in one write, so the watchers are made only when one blocks.
-    While parked, the peer is checked every PEER_CHECK_SECONDS: a vsock whose peer
+    A large chunk goes out FAIR_SHARE_BYTES at a time, with a turn of the loop
+    between them, so that one bulk stream does not hold up its process for a
+    whole 2 MiB chunk.  Most chunks go out in one write, so the watchers are made
+    only when one blocks or a turn is due.  While parked, the peer is checked every PEER_CHECK_SECONDS: a vsock whose peer
     has closed with our data unread never reports writable, nor an error, but a
     zero-byte send on it fails with EPIPE.
     """
@@ -185,19 +187,22 @@ def _write_all(flow: Flow, data: memoryview, hub) -> None:
     try:
         while data:
             try:
-                written = os.write(fd, data)
+                written = os.write(fd, data[:FAIR_SHARE_BYTES])
             except BlockingIOError:
-                if writable is None:
-                    writable = hub.loop.io(fd, WRITE)
-                    peer_check = hub.loop.timer(PEER_CHECK_SECONDS)
-                if not _wait_writable(hub, writable, peer_check):
-                    _check_peer(flow)
-                continue
+                written = 0
             except OSError as exc:
                 raise PeerError(flow.sink_name, exc) from None
-            data = data[written:]
-            flow.bytes += written
-            flow.last_active = time.monotonic()
+            if written:
+                data = data[written:]
+                flow.bytes += written
+                flow.last_active = time.monotonic()
+                if written < FAIR_SHARE_BYTES or not data:
+                    continue
+            if writable is None:
+                writable = hub.loop.io(fd, WRITE)
+                peer_check = hub.loop.timer(PEER_CHECK_SECONDS)
+            if not _wait_writable(hub, writable, peer_check):
+                _check_peer(flow)
     finally:
         if writable is not None:
             writable.close()
