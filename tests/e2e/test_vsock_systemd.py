@@ -28,13 +28,12 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_until
 from tests.e2e.vsock import IN_VM, IO_TIMEOUT, ThreadedTarget, recv_all, vsock_connect
 
 
@@ -94,18 +93,6 @@ def unit_properties(*names: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.splitlines())
 
 
-def wait_until(predicate, what: str, timeout: float = 60):
-    """predicate()'s first truthy value, polled; fails naming what did not happen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.2)
-
-
 def journal() -> list[dict]:
     """The unit's journal records, as journalctl -o json gives them."""
     output = run("journalctl", "--unit", UNIT, "--output", "json", "--no-pager").stdout
@@ -118,7 +105,7 @@ def journal_record(pattern: str, timeout: float = 30) -> dict:
         return next((r for r in journal() if isinstance(r.get("MESSAGE"), str) and re.search(pattern, r["MESSAGE"])),
                     None)
     try:
-        return wait_until(find, f"a journal record matching {pattern!r}", timeout)
+        return wait_until(find, timeout, f"a journal record matching {pattern!r}")
     except AssertionError as exc:
         messages = "\n".join(str(record.get("MESSAGE")) for record in journal()[-30:])
         raise AssertionError(f"{exc}; the unit's last journal messages:\n{messages}") from None
