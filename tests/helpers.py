@@ -6,6 +6,7 @@ product a TCP or Unix listener and talk to real TCP targets on 127.0.0.1.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import random
@@ -345,3 +346,68 @@ def vsock_available() -> bool:
         return True
     except (AttributeError, OSError):
         return False
+
+
+#: Socket timeout of ThreadedTarget's connections: generous, for the TCG-emulated VM.
+THREAD_IO_TIMEOUT = 60.0
+
+
+class ThreadedTarget:
+    """A real TCP server (one thread per connection) running ``handler(sock)``."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.handler = handler
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(self.family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.peers: list[tuple] = []
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return
+            self.peers.append(peer)
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(THREAD_IO_TIMEOUT)
+        try:
+            self.handler(sock)
+        except Exception as exc:  # kept for the test to inspect
+            self.errors.append(exc)
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self._closed = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self._acceptor.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+def sha256_of_stream(sock: socket.socket) -> tuple[str, int]:
+    digest, total = hashlib.sha256(), 0
+    buffer = bytearray(1 << 20)
+    while True:
+        count = sock.recv_into(buffer)
+        if not count:
+            return digest.hexdigest(), total
+        digest.update(memoryview(buffer)[:count])
+        total += count

@@ -17,7 +17,8 @@ import gevent.event
 import gevent.socket
 import pytest
 
-from tests.helpers import (FakeDNS, assert_one_line_error, recv_all, recv_exactly, unused_tcp_port, wait_until)
+from tests.helpers import (FakeDNS, assert_one_line_error, recv_all, recv_exactly, sha256_of_stream, unused_tcp_port,
+                           wait_until)
 import vsockproxy.listen as listen_module
 from vsockproxy.resolver import Resolver
 
@@ -134,32 +135,18 @@ def test_16_mib_each_way_concurrently(make_proxy, tcp_target):
 
     def target_handler(sock):
         sender = gevent.spawn(lambda: (sock.sendall(down_data), sock.shutdown(socket.SHUT_WR)))
-        digest = hashlib.sha256()
-        received = 0
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            digest.update(chunk)
-            received += len(chunk)
+        sha, received = sha256_of_stream(sock)
         sender.get()
-        target_got.update(sha=digest.hexdigest(), size=str(received))
+        target_got.update(sha=sha, size=str(received))
 
     target = tcp_target(target_handler)
     proxy = make_proxy(target.port)
     with proxy.connect(timeout=30) as client:
         sender = gevent.spawn(lambda: (client.sendall(up_data), client.shutdown(socket.SHUT_WR)))
-        digest = hashlib.sha256()
-        received = 0
-        while True:
-            chunk = client.recv(1 << 20)
-            if not chunk:
-                break
-            digest.update(chunk)
-            received += len(chunk)
+        sha, received = sha256_of_stream(client)
         sender.get(timeout=30)
     assert received == size
-    assert digest.hexdigest() == hashlib.sha256(down_data).hexdigest()
+    assert sha == hashlib.sha256(down_data).hexdigest()
     wait_until(lambda: target_got, 10, "target to finish")
     assert target.errors == []
     assert int(target_got["size"]) == size

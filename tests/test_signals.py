@@ -17,7 +17,6 @@ import re
 import signal
 import socket
 import sys
-import threading
 import time
 from importlib.metadata import distribution
 from pathlib import Path
@@ -28,7 +27,8 @@ import pytest
 from gevent.event import Event
 
 import vsockproxy.supervisor as supervisor_module
-from tests.helpers import REPO, STAND_IN_RUNNER, FakeDNS, TcpListeners, supervisor_for, LoggedProcess, cli_env, unused_tcp_port, wait_until
+from tests.helpers import (REPO, STAND_IN_RUNNER, FakeDNS, LoggedProcess, TcpListeners, ThreadedTarget, cli_env, echo,
+                           supervisor_for, unused_tcp_port, wait_until)
 from vsockproxy.resolver import Resolver
 
 pytestmark = pytest.mark.timeout(90)
@@ -75,45 +75,10 @@ def stand_in():
         process.kill()
 
 
-class EchoTarget:
-    """A TCP echo server on 127.0.0.1, one thread per connection (this process only blocks)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
-        self._threads[0].start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._echo, args=(sock,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    @staticmethod
-    def _echo(sock: socket.socket) -> None:
-        with sock:
-            sock.settimeout(30)
-            try:
-                while data := sock.recv(65536):
-                    sock.sendall(data)
-            except OSError:
-                pass
-
-    def stop(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-
 @pytest.fixture
 def echo_target():
-    target = EchoTarget()
+    """A TCP echo server, one thread per connection (this process only blocks)."""
+    target = ThreadedTarget(echo)
     yield target
     target.stop()
 

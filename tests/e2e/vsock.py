@@ -12,16 +12,13 @@ blocking sockets.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
 import sys
-import threading
 from pathlib import Path
-from typing import Callable
 
-from tests.helpers import LoggedProcess, free_vsock_port  # noqa: F401  (free_vsock_port: for the tests)
+from tests.helpers import LoggedProcess, ThreadedTarget, free_vsock_port, sha256_of_stream  # noqa: F401  (for the tests)
 
 IN_VM = os.environ.get("VSOCKPROXY_IN_VM") == "1"
 VMADDR_CID_LOCAL = 1
@@ -61,67 +58,6 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
             break
         buffer += chunk
     return bytes(buffer)
-
-
-def sha256_of_stream(sock: socket.socket) -> tuple[str, int]:
-    digest, total = hashlib.sha256(), 0
-    buffer = bytearray(1 << 20)
-    while True:
-        count = sock.recv_into(buffer)
-        if not count:
-            return digest.hexdigest(), total
-        digest.update(memoryview(buffer)[:count])
-        total += count
-
-
-class ThreadedTarget:
-    """A real TCP server (one thread per connection) running ``handler(sock)``."""
-
-    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", port: int = 0) -> None:
-        self.handler = handler
-        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.socket(self.family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, port))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
-        self.peers: list[tuple] = []
-        self.errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                sock, peer = self.listener.accept()
-            except OSError:
-                return
-            self.peers.append(peer)
-            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(IO_TIMEOUT)
-        try:
-            self.handler(sock)
-        except Exception as exc:  # kept for the test to inspect
-            self.errors.append(exc)
-        finally:
-            sock.close()
-
-    def stop(self) -> None:
-        self._closed = True
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        self._acceptor.join(timeout=5)
-        for thread in self._threads:
-            thread.join(timeout=5)
 
 
 def vsock_proxy_command() -> list[str]:
