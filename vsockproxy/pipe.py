@@ -178,9 +178,10 @@ def _write_all(flow: Flow, data: memoryview, hub) -> None:
     A large chunk goes out FAIR_SHARE_BYTES at a time, with a turn of the loop
     between them, so that one bulk stream does not hold up its process for a
     whole 2 MiB chunk.  Most chunks go out in one write, so the watchers are made
-    only when one blocks or a turn is due.  While parked, the peer is checked every PEER_CHECK_SECONDS: a vsock whose peer
-    has closed with our data unread never reports writable, nor an error, but a
-    zero-byte send on it fails with EPIPE.
+    only when one blocks or a turn is due.  While parked, the peer is checked
+    every PEER_CHECK_SECONDS: a vsock whose peer has closed with our data unread
+    never reports writable, nor an error, but a zero-byte send on it fails with
+    EPIPE.
     """
     fd = flow.sink.fileno()
     writable = peer_check = None

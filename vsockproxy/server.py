@@ -106,7 +106,6 @@ class VsockProxyServer(AcceptingServer):
             log.info("closed enclave=%s target=%s up=%d down=%d duration=%.3fs end=%s",
                      peer, endpoint, up.bytes, down.bytes, time.monotonic() - started, ending)
 
-
     @property
     def num_workers(self) -> int:
         return self.pool.size
