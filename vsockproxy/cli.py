@@ -156,7 +156,8 @@ def build_parser() -> OneLineParser:
                         help="time allowed for each TCP connect attempt (default: 10)")
     parser.add_argument("--dns-ttl", metavar="SECONDS", type=_option(Seconds(zero_ok=True), "dns-ttl"), default=Options.dns_ttl,
                         env_var="VSOCK_PROXY_DNS_TTL",
-                        help="how long a DNS answer is reused; 0 resolves on every connection (default: 30)")
+                        help="the longest a DNS answer is reused: its record's TTL if shorter (at least 1 s); "
+                             "0 resolves on every connection (default: 30)")
     parser.add_argument("--shutdown-grace", metavar="SECONDS", type=_option(Seconds(zero_ok=True), "shutdown-grace"),
                         default=Options.shutdown_grace,
                         env_var="VSOCK_PROXY_SHUTDOWN_GRACE",
