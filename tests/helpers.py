@@ -192,6 +192,26 @@ class FakeDNS:
         return sum(1 for call in self.calls if call[0] == host)
 
 
+class GlibcLikeDNS:
+    """A ``getaddrinfo`` stand-in: a table of names, glibc's numeric parsing, and a log of every question."""
+
+    def __init__(self, records: dict[str, list[str]] | None = None) -> None:
+        self.records = {name: list(addresses) for name, addresses in (records or {}).items()}
+        self.asked: list[str] = []
+
+    def __call__(self, host, port, family=0, type=0, proto=0, flags=0):
+        self.asked.append(host)
+        addresses = self.records.get(host)
+        if addresses is None:
+            try:  # what glibc does before any DNS: inet_aton accepts 0x7f000001, 0177.1, 2130706433 ...
+                addresses = [socket.inet_ntoa(socket.inet_aton(host))] if host.strip() == host else None
+            except (OSError, ValueError):
+                addresses = None
+        if addresses is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return addrinfo(addresses, port, family)
+
+
 def no_dns(*args, **kwargs):
     raise AssertionError(f"unexpected DNS look-up {args!r}")
 

@@ -29,7 +29,7 @@ import pytest
 
 import vsockproxy.cli as cli
 import vsockproxy.supervisor as supervisor_module
-from tests.helpers import addrinfo
+from tests.helpers import GlibcLikeDNS
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.config import ConfigError, parse_document, parse_yaml
 from vsockproxy.listen import ListenError
@@ -42,26 +42,6 @@ SOURCE = "bypass.yaml"
 
 
 # --------------------------------------------------------------------------- helpers
-
-class GlibcLikeDNS:
-    """A ``getaddrinfo`` stand-in: a table of names, glibc's numeric parsing, and a log of every question."""
-
-    def __init__(self, records: dict[str, list[str]] | None = None) -> None:
-        self.records = {name: list(addresses) for name, addresses in (records or {}).items()}
-        self.asked: list[str] = []
-
-    def __call__(self, host, port, family=0, type=0, proto=0, flags=0):
-        self.asked.append(host)
-        addresses = self.records.get(host)
-        if addresses is None:
-            try:  # what glibc does before any DNS: inet_aton accepts 0x7f000001, 0177.1, 2130706433 ...
-                addresses = [socket.inet_ntoa(socket.inet_aton(host))] if host.strip() == host else None
-            except (OSError, ValueError):
-                addresses = None
-        if addresses is None:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return addrinfo(addresses, port, family)
-
 
 class FakeClock:
     def __init__(self) -> None:
