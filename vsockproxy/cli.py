@@ -25,12 +25,13 @@ import gevent
 from vsockproxy import __version__
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.check import run_check
-from vsockproxy.config import (CONNECT_TIMEOUT, DEFAULT_PATH, IDLE_TIMEOUT, NUM_WORKERS, TCP_PORT, VSOCK_PORT,
-                               ConfigError, Defaults, Options, Seconds, ServiceEntry, WholeNumber,
+from vsockproxy.config import (CONNECT_TIMEOUT, DEFAULT_PATH, IDLE_TIMEOUT, NUM_WORKERS, PROCESSES, TCP_PORT,
+                               VSOCK_PORT, ConfigError, Defaults, Options, Seconds, ServiceEntry, WholeNumber,
                                parse_bind_address)
 from vsockproxy.listen import VMADDR_CID_ANY, ListenError, vsock_listener
 from vsockproxy.logs import configure_logging, one_line
 from vsockproxy.supervisor import StartupError, Supervisor
+from vsockproxy.workers import Workers
 
 PROG = "vsock-proxy"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -107,6 +108,16 @@ def _cid(text: str) -> int:
     return _option(WholeNumber(0, VMADDR_CID_ANY), "CID")(text)
 
 
+def _processes(text: str) -> int:
+    """A number of processes, or ``auto``: one per CPU this process may run on."""
+    if text.strip().lower() == "auto":
+        return min(len(os.sched_getaffinity(0)), PROCESSES.high)
+    try:
+        return PROCESSES.parse(text, "processes")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or auto)") from None
+
+
 def _bind_address(text: str) -> str:
     try:
         parse_bind_address(text)
@@ -141,6 +152,10 @@ def build_parser() -> OneLineParser:
                         type=_option(NUM_WORKERS, "num_workers"), default=Defaults.num_workers,
                         env_var="VSOCK_PROXY_NUM_WORKERS",
                         help="connections served at once; more wait in the listen backlog (default: 4)")
+    parser.add_argument("--processes", metavar="N", type=_processes, default="auto", env_var="VSOCK_PROXY_PROCESSES",
+                        help="processes that relay connections, each with its share of every service's workers; "
+                             "'auto' is one per CPU this process may run on, 1 relays in this process alone "
+                             "(default: auto)")
     parser.add_argument("--config", metavar="FILE", default=DEFAULT_PATH, env_var="VSOCK_PROXY_CONFIG",
                         help=f"YAML allowlist of reachable endpoints (default: {DEFAULT_PATH})")
     parser.add_argument("--settings", metavar="FILE", is_config_file=True, env_var="VSOCK_PROXY_SETTINGS",
@@ -210,6 +225,7 @@ def options_from(arguments: argparse.Namespace) -> Options:
         dns_ttl=arguments.dns_ttl,
         shutdown_grace=arguments.shutdown_grace,
         metrics_address=arguments.metrics_address,
+        processes=arguments.processes,
     )
 
 
@@ -294,8 +310,12 @@ def main(argv: Sequence[str] | None = None, listener_factory: ListenerFactory = 
     raise_fd_limit()
     skip_greenlet_tree_tracking()
     listen = partial(listener_factory, cid=arguments.cid, backlog=arguments.backlog)
+    options = options_from(arguments)
     try:
-        Supervisor(options_from(arguments), listen).serve()
+        if options.processes == 1:
+            Supervisor(options, listen).serve()
+        else:
+            Workers(options, listen).serve()
     except (ConfigError, NotAllowed, ListenError, StartupError) as exc:
         print(f"{PROG}: error: {one_line(str(exc))}", file=sys.stderr)
         return 1

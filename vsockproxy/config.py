@@ -100,6 +100,7 @@ class Seconds:
 VSOCK_PORT = WholeNumber(1, MAX_VSOCK_PORT)
 TCP_PORT = WholeNumber(1, 65535)
 NUM_WORKERS = WholeNumber(1, 1_000_000)
+PROCESSES = WholeNumber(1, 1024)
 CONNECT_TIMEOUT = Seconds(zero_ok=False)
 IDLE_TIMEOUT = Seconds(zero_ok=True)
 
@@ -160,6 +161,7 @@ class Options:
     dns_ttl: float = 30.0
     shutdown_grace: float = 30.0
     metrics_address: str | None = None
+    processes: int = 1  # the command line's default is "auto", one per CPU the process may run on
 
 
 # --------------------------------------------------------------------------- what runs

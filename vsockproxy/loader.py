@@ -51,7 +51,7 @@ def load_file_in_child(path: str, deadline: float = LOAD_DEADLINE) -> FileConfig
             reply = _read_to_end(read_fd)
     finally:
         os.close(read_fd)
-        status = _reap(pid, kill=reply is None)
+        status = reap(pid, kill=reply is None)
     if reply is None:
         raise ConfigError(f"{path}: loading took longer than {deadline:g}s; the loader process was stopped")
     try:
@@ -108,7 +108,7 @@ def _read_to_end(fd: int) -> bytes:
         chunks.append(chunk)
 
 
-def _reap(pid: int, kill: bool) -> int | None:
+def reap(pid: int, kill: bool = False) -> int | None:
     """Collect the child's exit status without blocking the loop, killing it first if asked.
 
     None when there is no status to collect: SIGCHLD was ignored by whoever started the proxy

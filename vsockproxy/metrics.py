@@ -43,6 +43,10 @@ class Metrics:
             if service.done:
                 del self._services[name]
 
+    def state(self) -> dict[str, dict[str, object]]:
+        """Every service's figures as plain data: what a worker of ``--processes N`` reports to its parent."""
+        return {name: service.state() for name, service in self._services.items()}
+
     def _drop(self, service: "ServiceMetrics") -> None:
         if self._services.get(service.name) is service:
             del self._services[service.name]
@@ -87,7 +91,17 @@ class Metrics:
 
 
 class ServiceMetrics:
-    """One service's tallies: what its connections report, read by scrapes and the SIGUSR1 summary."""
+    """One service's tallies: what its connections report, read by scrapes and the SIGUSR1 summary.
+
+    Every other attribute is a figure (a number, or a dict of numbers), which ``state``
+    exports and ``add`` sums, so that a figure added here reaches the totals of
+    ``--processes N`` without more code.
+    """
+
+    #: Attributes that are no figures: identity, and the workings of bytes_moved() and pool_full_seconds().
+    NOT_FIGURES = frozenset({"name", "created", "served", "_drop", "_relaying", "_paused_at"})
+    #: Figures that are levels, not running totals: a worker that has exited has none left.
+    GAUGES = frozenset({"active"})
 
     def __init__(self, name: str, drop: Callable[["ServiceMetrics"], None] | None = None) -> None:
         self.name = name
@@ -163,6 +177,25 @@ class ServiceMetrics:
 
     def pool_full_seconds(self) -> float:
         return self._paused_seconds + self.pool_full_for()
+
+    def state(self) -> dict[str, object]:
+        """The figures as plain data, open connections' bytes and the current pause included."""
+        state = {key: value for key, value in vars(self).items() if key not in self.NOT_FIGURES}
+        state["_closed_up"], state["_closed_down"] = self.bytes_moved()
+        state["_paused_seconds"] = self.pool_full_seconds()
+        return state
+
+    def add(self, state: dict[str, object], gauges: bool = True) -> None:
+        """Sum another process's ``state()`` into these figures (its counters only, unless ``gauges``)."""
+        for key, value in state.items():
+            if key in self.GAUGES and not gauges:
+                continue
+            mine = getattr(self, key)
+            if isinstance(mine, dict):
+                for item, count in value.items():
+                    mine[item] = mine.get(item, 0) + count
+            else:
+                setattr(self, key, mine + value)
 
     def snapshot(self) -> dict[str, int]:
         """This service's current figures, as the SIGUSR1 summary shows them."""

@@ -26,7 +26,7 @@ from vsockproxy.allowlist import NotAllowed, Target
 from vsockproxy.config import ConfigError, FileConfig, Options, Service, configure, load_file, parse_bind_address
 from vsockproxy.listen import Listen, ListenError
 from vsockproxy.loader import load_file_in_child
-from vsockproxy.metrics import Metrics
+from vsockproxy.metrics import Metrics, ServiceMetrics
 from vsockproxy.metrics_server import MetricsServer, metrics_listener
 from vsockproxy.notify import Notifier
 from vsockproxy.resolver import Resolver
@@ -116,8 +116,12 @@ class Supervisor:
 
     # -- life cycle ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Bind every listener (all or none), start serving, then tell systemd we are ready."""
+    def start(self, announce: bool = True) -> None:
+        """Bind every listener (all or none), start serving, then tell systemd we are ready.
+
+        ``announce=False`` leaves the "listening" lines to whoever logs them once for many
+        processes (workers.py).
+        """
         authorized = self.authorize()
         servers = self._bind_all(authorized.values())
         if self.options.metrics_address:
@@ -131,9 +135,8 @@ class Supervisor:
         self.metrics.serving(str(port) for port in servers)
         for port, server in servers.items():
             server.start()
-            log.info("listening on vsock port %d, forwarding to %s (allowed by %s), %d worker(s)",
-                     port, authorized[port].target, authorized[port].target.allowed_by,
-                     authorized[port].service.num_workers)
+            if announce:
+                log_listening(port, authorized[port])
         self._pool_watcher = gevent.spawn(self._watch_pools)
         self.notifier.ready(self.status())
 
@@ -238,11 +241,7 @@ class Supervisor:
         return f"{len(self.servers)} service(s), {active} active connection(s)"
 
     def summary(self) -> str:
-        parts = []
-        for port, server in sorted(self.servers.items()):
-            counts = " ".join(f"{key}={value}" for key, value in server.metrics.snapshot().items())
-            parts.append(f"port {port}->{server.route.target}: {counts}")
-        return "summary: " + ("; ".join(parts) or "no services")
+        return summary_of((port, server.route.target, server.metrics) for port, server in self.servers.items())
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -319,6 +318,20 @@ class Supervisor:
                             "in the listen backlog; raise --num_workers (or the service's num_workers), or set "
                             "--idle-timeout so that idle connections give their worker up",
                             port, server.num_workers, busy_for)
+
+
+def log_listening(port: int, authorized: Authorized) -> None:
+    log.info("listening on vsock port %d, forwarding to %s (allowed by %s), %d worker(s)",
+             port, authorized.target, authorized.target.allowed_by, authorized.service.num_workers)
+
+
+def summary_of(services: Iterable[tuple[int, str, ServiceMetrics]]) -> str:
+    """SIGUSR1's line: each service's figures, by port."""
+    parts = []
+    for port, target, metrics in sorted(services, key=lambda service: service[0]):
+        counts = " ".join(f"{key}={value}" for key, value in metrics.snapshot().items())
+        parts.append(f"port {port}->{target}: {counts}")
+    return "summary: " + ("; ".join(parts) or "no services")
 
 
 def _connections_waiting(listener: socket.socket) -> bool:
