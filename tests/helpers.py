@@ -431,3 +431,72 @@ def sha256_of_stream(sock: socket.socket) -> tuple[str, int]:
             return digest.hexdigest(), total
         digest.update(memoryview(buffer)[:count])
         total += count
+
+
+# --------------------------------------------------------------------------- --processes N
+
+def children_of(pid: int) -> set[int]:
+    """The PIDs whose parent is ``pid`` now (from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def scrape(address: tuple[str, int], timeout: float = 30) -> dict[str, float]:
+    """The samples of a Prometheus text page, keyed by ``name{labels}`` as printed."""
+    with socket.create_connection(address, timeout=timeout) as client:
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        response = recv_all(client)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """``size`` bytes that ``seed`` alone decides: what a StreamingTarget sends, for the client to check."""
+    return random.Random(seed).randbytes(size)
+
+
+def streaming(chunk: int = 1 << 16, pause: float = 0.01) -> Callable[[socket.socket], None]:
+    """A target handler: read a request ``SEED SIZE\\n``, send pattern(SEED, SIZE) in chunks with pauses, close.
+
+    The pauses keep connections open long enough for a test to act while bytes flow.
+    """
+    def handler(sock: socket.socket) -> None:
+        request = b""
+        while not request.endswith(b"\n"):
+            data = sock.recv(64)
+            if not data:
+                return
+            request += data
+        seed, size = (int(field) for field in request.split())
+        data = memoryview(pattern(seed, size))
+        for start in range(0, size, chunk):
+            sock.sendall(data[start:start + chunk])
+            time.sleep(pause)
+    return handler
+
+
+def fetch_pattern(sock: socket.socket, seed: int, size: int) -> str:
+    """Ask a streaming target for pattern(seed, size): 'intact', 'cut' (short, from a closed peer) or 'corrupt'."""
+    try:
+        sock.sendall(f"{seed} {size}\n".encode())
+        digest, total = sha256_of_stream(sock)
+    except OSError:
+        return "cut"
+    if total < size:
+        return "cut"
+    return "intact" if (digest, total) == (hashlib.sha256(pattern(seed, size)).hexdigest(), size) else "corrupt"
