@@ -33,7 +33,8 @@ import gevent
 import pytest
 from gevent.server import StreamServer
 
-from tests.helpers import STAND_IN_RUNNER, FakeDNS, LoggedProcess, cli_env, echo, recv_all, recv_exactly, tracked, wait_until
+from tests.helpers import (STAND_IN_RUNNER, FakeDNS, LoggedProcess, children_of, cli_env, echo, recv_all, recv_exactly,
+                           tracked, wait_until)
 from vsockproxy.pipe import CHUNK_BYTES
 from vsockproxy.resolver import Resolver
 
@@ -49,9 +50,15 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class StandInProxy(LoggedProcess):
-    """``vsock-proxy [options] 5005 127.0.0.1 TARGET_PORT`` on a TCP stand-in listener, in a subprocess."""
+    """``vsock-proxy [options] 5005 127.0.0.1 TARGET_PORT`` on a TCP stand-in listener, in a subprocess.
+
+    One process (``--processes 1``) unless the options say otherwise: the tests read its
+    descriptors, memory, CPU time and limits, which a parent of workers would not show.
+    """
 
     def __init__(self, config: Path, target_port: int, *options: str, start_timeout: float = 30) -> None:
+        if "--processes" not in options:
+            options = ("--processes", "1", *options)
         super().__init__([sys.executable, str(STAND_IN_RUNNER), "--stand-in", *options, str(STAND_IN_VSOCK_PORT),
                           "127.0.0.1", str(target_port), "--config", str(config)], cli_env())
         line = self.wait_for("stand-in listener:", timeout=start_timeout)
@@ -66,15 +73,19 @@ class StandInProxy(LoggedProcess):
     def connect(self, timeout: float = 30) -> socket.socket:
         return socket.create_connection(self.address, timeout=timeout)
 
-    def fds(self) -> list[int]:
-        return sorted(int(name) for name in os.listdir(f"/proc/{self.pid}/fd"))
+    def processes(self) -> list[int]:
+        """Its PID, and its workers' with ``--processes N``."""
+        return [self.pid, *sorted(children_of(self.pid))]
+
+    def fds(self, pid: int | None = None) -> list[int]:
+        return sorted(int(name) for name in os.listdir(f"/proc/{pid or self.pid}/fd"))
 
     def socket_fds(self) -> int:
         """How many of its fds are sockets: the listener plus two per open connection."""
         return socket_fd_count(self.pid)
 
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.pid}/status") as status:
+    def rss_kib(self, pid: int | None = None) -> int:
+        with open(f"/proc/{pid or self.pid}/status") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
@@ -99,15 +110,15 @@ class StandInProxy(LoggedProcess):
                 raise AssertionError(f"{what}: still {len(fds)} open fds after {timeout}s")
             time.sleep(0.05)
 
-    def settled_fds(self, quiet: float = 0.5, timeout: float = 10) -> list[int]:
+    def settled_fds(self, quiet: float = 0.5, timeout: float = 10, pid: int | None = None) -> list[int]:
         """The open fds once their number has not changed for ``quiet`` seconds (connections closing)."""
         deadline = time.monotonic() + timeout
-        last, since = self.fds(), time.monotonic()
+        last, since = self.fds(pid), time.monotonic()
         while time.monotonic() - since < quiet:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the proxy's fd count kept changing for {timeout}s")
             time.sleep(0.05)
-            fds = self.fds()
+            fds = self.fds(pid)
             if len(fds) != len(last):
                 last, since = fds, time.monotonic()
         return last

@@ -1,6 +1,7 @@
 """Load and leaks: 10,000 sequential and 1,000 concurrent connections through the real
-``vsock-proxy`` command (on its TCP stand-in listener, in a subprocess), after which its open fds
-are back to their baseline and its RSS is within 5% of it.
+``vsock-proxy`` command (on its TCP stand-in listener, in a subprocess), after which the open fds
+of each of its processes (one, or a parent and two workers) are back to their baseline and
+their RSS is within 5% of it.
 
 The baseline is taken after a warm-up that runs the sequential load once and the concurrent load
 until a round no longer grows RSS by 1%, so that what the first runs allocate for good (imported
@@ -58,7 +59,7 @@ def concurrent(proxy, count: int, baseline_fds: int | None = None) -> None:
         for client, payload in zip(clients, payloads):
             assert recv_exactly(client, len(payload)) == payload
         if baseline_fds is not None:  # all of them really were open at once in the proxy
-            assert len(proxy.fds()) == baseline_fds + 2 * count
+            assert sum(len(proxy.fds(pid)) for pid in proxy.processes()) == baseline_fds + 2 * count
     finally:
         for client in clients:
             client.close()
@@ -79,11 +80,16 @@ def wait_closed_lines(proxy, count: int, timeout: float = 60) -> list[re.Match]:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
 def test_10000_sequential_and_1000_concurrent_connections_leave_no_fds_or_memory_behind(stand_in,  # noqa: F811
-                                                                                          thread_target):  # noqa: F811
+                                                                                          thread_target,  # noqa: F811
+                                                                                          processes):
+    """In every process: the single one, or the parent and each of its workers."""
     raise_own_nofile(4 * CONCURRENT + 1024)  # clients and target sockets here; the proxy inherits it
     target = thread_target()
-    proxy = stand_in(target.port, "-w", str(CONCURRENT + 100))
+    proxy = stand_in(target.port, "-w", str(CONCURRENT + 100), "--processes", processes)
+    pids = proxy.processes()
+    assert len(pids) == (1 if processes == "1" else 1 + int(processes))
     done = 0
 
     started = time.monotonic()
@@ -98,21 +104,23 @@ def test_10000_sequential_and_1000_concurrent_connections_leave_no_fds_or_memory
         concurrent(proxy, CONCURRENT)
         done += CONCURRENT
         wait_closed_lines(proxy, done)
-        rss = proxy.rss_kib()
+        rss = sum(proxy.rss_kib(pid) for pid in pids)
         if warm_up_round >= MIN_WARM_UP_ROUNDS and rss - previous_rss <= 0.01 * rss:
             break
         previous_rss = rss
-    baseline_fds = len(proxy.settled_fds())
-    baseline_rss = proxy.rss_kib()
-    figures = [f"after warm-up: {baseline_fds} fds, {baseline_rss} KiB RSS"]
+    baseline_fds = {pid: len(proxy.settled_fds(pid=pid)) for pid in pids}
+    baseline_rss = {pid: proxy.rss_kib(pid) for pid in pids}
+    figures = [f"after warm-up: PID {pid}: {baseline_fds[pid]} fds, {baseline_rss[pid]} KiB RSS" for pid in pids]
 
     def check(phase: str) -> None:
         wait_closed_lines(proxy, done)
-        fds = len(proxy.settled_fds())
-        rss = proxy.rss_kib()
-        figures.append(f"after {phase}: {fds} fds, {rss} KiB RSS ({(rss - baseline_rss) / baseline_rss:+.1%})")
-        assert abs(fds - baseline_fds) <= FD_SLACK, figures
-        assert abs(rss - baseline_rss) <= RSS_TOLERANCE * baseline_rss, figures
+        for pid in pids:
+            fds = len(proxy.settled_fds(pid=pid))
+            rss = proxy.rss_kib(pid)
+            figures.append(f"after {phase}: PID {pid}: {fds} fds, {rss} KiB RSS "
+                           f"({(rss - baseline_rss[pid]) / baseline_rss[pid]:+.1%})")
+            assert abs(fds - baseline_fds[pid]) <= FD_SLACK, figures
+            assert abs(rss - baseline_rss[pid]) <= RSS_TOLERANCE * baseline_rss[pid], figures
 
     phase_started = time.monotonic()
     sequential(proxy, SEQUENTIAL)
@@ -120,7 +128,7 @@ def test_10000_sequential_and_1000_concurrent_connections_leave_no_fds_or_memory
     check(f"{SEQUENTIAL} sequential ({time.monotonic() - phase_started:.1f} s)")
 
     phase_started = time.monotonic()
-    concurrent(proxy, CONCURRENT, baseline_fds)
+    concurrent(proxy, CONCURRENT, sum(baseline_fds.values()))
     done += CONCURRENT
     check(f"{CONCURRENT} concurrent ({time.monotonic() - phase_started:.1f} s)")
     print("\n" + "\n".join(figures) + f"\ntotal {time.monotonic() - started:.1f} s")
@@ -128,6 +136,7 @@ def test_10000_sequential_and_1000_concurrent_connections_leave_no_fds_or_memory
     lines = closed_lines(proxy)
     assert len(lines) == done
     assert all(match.groups() == (str(MESSAGE), str(MESSAGE), "eof") for match in lines)
+    assert proxy.processes() == pids  # no worker died and was replaced on the way
     assert proxy.stop() == 0
     assert problems_in(proxy.lines) == [], [line for line in proxy.lines if "WARNING" in line][:5]
     assert not [line for line in proxy.lines if " WARNING " in line], proxy.lines[-5:]
