@@ -368,6 +368,22 @@ def test_sigterm_drains_every_worker_within_the_grace_and_exits_0(parent, stream
     assert_clean_log(proxy)
 
 
+def test_workers_drain_and_exit_when_the_parent_dies(parent, echo_target, tmp_path):
+    config = config_file(tmp_path, echo_target.port)
+    proxy = parent(["--processes", "2", "--shutdown-grace", "1", "5005", "127.0.0.1", str(echo_target.port),
+                    "--config", str(config)])
+    proxy.wait_ready()
+    workers = proxy.wait_workers(2)
+    held = open_echo(proxy.address(5005))
+    try:
+        proxy.proc.kill()
+        wait_until(lambda: not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], 5, "the workers to exit")
+    finally:
+        held.close()
+    proxy.finish()
+    assert len([line for line in proxy.lines if "the parent process is gone; draining" in line]) == 2
+
+
 # --------------------------------------------------------------------------- figures and readiness
 
 def test_metrics_and_the_summary_are_totals_that_survive_a_worker_s_death(parent, echo_target, tmp_path):
@@ -446,6 +462,7 @@ def test_ready_when_every_worker_accepts_and_status_counts_every_worker_s_connec
     finally:
         for client in held:
             client.close()
+    proxy.wait_for("closed enclave=", count=2)
     proxy.signal(signal.SIGTERM)
     message = next_message()
     while message.startswith("STATUS="):

@@ -344,9 +344,14 @@ class Workers:
             os._exit(code)
 
     def _leave_parent(self, generation: _Generation) -> None:
-        """End the parent's greenlets, handlers and sockets in this copy of it: they are the parent's to run."""
+        """End the parent's greenlets, handlers and sockets in this copy of it: they are the parent's to run.
+
+        Nothing here yields to the hub, which would run the parent's watchers (a scrape, a
+        sibling's message) in this process.  The kills are queued before the closes, so a
+        watcher of a sibling's socket ends before it can hear of that socket's closing.
+        """
         current = gevent.getcurrent()
-        gevent.killall([greenlet for greenlet in self._greenlets if greenlet is not current], block=True, timeout=1)
+        gevent.killall([greenlet for greenlet in self._greenlets if greenlet is not current], block=False)
         for handler in self._handlers:
             handler.cancel()
         if self._metrics_server is not None:
