@@ -117,8 +117,7 @@ class Workers:
             if self.start():
                 if self._reload_pending:
                     self._greenlets.spawn(self.reload)
-                if self.notifier.enabled:
-                    self._greenlets.spawn(self._report_status)
+                self._greenlets.spawn(self._refresh)
             self._stopping.wait()
             draining = [gevent.signal_handler(signal.SIGTERM, self.kill_connections),
                         gevent.signal_handler(signal.SIGINT, self.kill_connections)]
@@ -413,7 +412,9 @@ class Workers:
         self.poll()
         log.info("%s", self.summary())
 
-    def _report_status(self) -> None:
+    def _refresh(self) -> None:
+        """Ask for the workers' figures now and then, not only at scrapes: a worker killed outright
+        takes with it what it counted since its last answer.  STATUS goes to systemd each time."""
         while True:
             gevent.sleep(STATUS_INTERVAL)
             self.poll()
