@@ -136,7 +136,9 @@ def rig(tmp_path_factory):
                       + "services:\n"
                       + "".join(f"- {{listen_port: {ports[name]}, address: 127.0.0.1, port: {port}}}\n"
                                 for name, port in target_ports.items()))
-    process = ProxyProcess([*vsock_proxy_command(), "-w", "32", "--config", str(config)], cli_env())
+    # One process: a test bounds its RSS, which a parent of workers would not show.
+    process = ProxyProcess([*vsock_proxy_command(), "--processes", "1", "-w", "32", "--config", str(config)],
+                           cli_env())
     rig = Rig(process, ports, targets, target_ports["refuse"], held)
     try:
         process.wait_listening(count=len(ports))
@@ -328,7 +330,9 @@ def test_fd_limit_accept_errors_are_survived_and_logged_without_a_busy_loop(prox
     target = ThreadTarget()
     try:
         port = free_vsock_port()
-        process = proxy(["-w", "100", str(port), "127.0.0.1", str(target.port)], allow=[("127.0.0.1", target.port)])
+        # One process: the test limits and reads its descriptors and CPU time.
+        process = proxy(["--processes", "1", "-w", "100", str(port), "127.0.0.1", str(target.port)],
+                        allow=[("127.0.0.1", target.port)])
         pid = process.proc.pid
         with vsock_connect(port) as warm:
             _echo_e(warm, b"Ewarm-up")
