@@ -148,12 +148,15 @@ def test_share_splits_evenly_spreads_the_remainder_and_gives_each_at_least_one()
     assert [share(1, 3, index) for index in range(3)] == [1, 1, 1]
 
 
-def test_auto_is_the_number_of_cpus_this_process_may_use(monkeypatch):
+def test_auto_is_the_number_of_cpus_this_process_may_use_and_every_source_may_set_it(monkeypatch, tmp_path):
     assert parse_arguments(["1", "a", "2"]).processes == len(os.sched_getaffinity(0))
     assert parse_arguments(["1", "a", "2", "--processes", "AUTO"]).processes == len(os.sched_getaffinity(0))
     assert parse_arguments(["1", "a", "2", "--processes", "3"]).processes == 3
+    settings = tmp_path / "settings.conf"
+    settings.write_text("processes = 4\n")
+    assert parse_arguments(["1", "a", "2", "--settings", str(settings)]).processes == 4
     monkeypatch.setenv("VSOCK_PROXY_PROCESSES", "5")
-    assert parse_arguments(["1", "a", "2"]).processes == 5
+    assert parse_arguments(["1", "a", "2", "--settings", str(settings)]).processes == 5
 
 
 @pytest.mark.parametrize("args, env, needle", [
