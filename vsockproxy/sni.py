@@ -22,9 +22,9 @@ Parsing is strict, and anything it cannot read is refused rather than guessed at
   with a ``decode_error`` alert;
 * no server_name extension, or an IP literal as the name (RFC 6066 forbids literals):
   ``no-sni``, with an ``unrecognized_name`` alert;
-* a ClientHello that does not end within MAX_REQUEST_BYTES of input, or declares a
-  length that cannot, is TOO_LARGE, answered with ``internal_error``: the ClientHello
-  may be valid, the proxy's limit is what refuses it.
+* a ClientHello that does not end within MAX_REQUEST_BYTES of input is TOO_LARGE,
+  answered with ``internal_error``: the ClientHello may be valid, the proxy's limit
+  is what refuses it.
 
 The outcome depends only on the first MAX_REQUEST_BYTES bytes, never on how they
 were split into reads; bytes after the ClientHello (TLS 1.3 early data) are kept.
@@ -182,7 +182,8 @@ class SniParser:
         except _Malformed as exc:
             outcome = Refusal(f"malformed ClientHello: {exc}", MALFORMED, alert(DECODE_ERROR))
         if outcome is None and len(self._data) > MAX_REQUEST_BYTES:
-            outcome = self._too_large(f"no complete ClientHello in the first {MAX_REQUEST_BYTES} bytes")
+            outcome = Refusal(f"no complete ClientHello in the first {MAX_REQUEST_BYTES} bytes", TOO_LARGE,
+                              alert(INTERNAL_ERROR))
         return b"", outcome
 
     def reply(self, outcome: str) -> bytes:
@@ -203,8 +204,6 @@ class SniParser:
             size = int.from_bytes(data[at + 3:at + 5], "big")
             if not 0 < size <= _MAX_FRAGMENT:
                 raise _Malformed(f"a handshake record of {size} bytes (allowed: 1 to {_MAX_FRAGMENT})")
-            if at + _RECORD_HEADER + size > MAX_REQUEST_BYTES:
-                return self._too_large(f"a record ends past byte {MAX_REQUEST_BYTES}")
             if at + _RECORD_HEADER + size > end:
                 return None
             self._hello += data[at + _RECORD_HEADER:at + _RECORD_HEADER + size]
@@ -222,13 +221,10 @@ class SniParser:
         if len(hello) < 4:
             return None
         size = 4 + int.from_bytes(hello[1:4], "big")
-        missing = size - len(hello)
-        if missing > 0:
-            if self._record_at + _RECORD_HEADER + missing > MAX_REQUEST_BYTES:
-                return self._too_large(f"the ClientHello declares {size} bytes")
+        if len(hello) < size:
             return None
-        if missing < 0:
-            raise _Malformed(f"{-missing} bytes follow the ClientHello in its last record")
+        if len(hello) > size:
+            raise _Malformed(f"{len(hello) - size} bytes follow the ClientHello in its last record")
         name = _server_name(bytes(hello[4:]))
         if name is None:
             return Refusal("the ClientHello has no server_name (SNI)", NO_SNI, alert(UNRECOGNIZED_NAME))
@@ -253,6 +249,3 @@ class SniParser:
                 return Refusal("an SSL 2.0-format ClientHello, which cannot carry a server_name", NO_SNI,
                                alert(UNRECOGNIZED_NAME))
         return Refusal(f"not TLS: the first byte is {data[0]:#04x}, not a handshake record's (0x16)", NOT_TLS)
-
-    def _too_large(self, why: str) -> Refusal:
-        return Refusal(f"ClientHello too large: {why}", TOO_LARGE, alert(INTERNAL_ERROR))
