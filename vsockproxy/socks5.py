@@ -86,7 +86,12 @@ class Socks5Parser:
         return METHOD_CHOSEN, self._request()
 
     def reply(self, outcome: str) -> bytes:
-        """The reply for ``outcome``; before the method choice, the client can only read a method choice."""
+        """The reply for ``outcome``.
+
+        Before the method choice (a handshake timeout mid-greeting) the client
+        reads a method choice: it gets 05 FF, since the request reply's 05 01
+        would read as "GSS-API chosen".
+        """
         if not self._method_chosen:
             return NO_METHOD
         return request_reply(_REPLY_CODES[outcome])
