@@ -35,13 +35,14 @@ MAY_IMPORT = {
     "pipe": set(),
     "handshake": set(),
     "sni": {"handshake", "hostnames"},
+    "socks5": {"handshake", "hostnames"},
     "metrics": {"pipe"},
     "metrics_server": {"hostnames", "listen"},
     "notify": set(),
     "logs": set(),
 }
 #: Modules that must not import gevent: they are plain data and checks.
-NO_GEVENT = {"config", "allowlist", "handshake", "hostnames", "logs", "notify", "sni", "__main__"}
+NO_GEVENT = {"__main__", "allowlist", "config", "handshake", "hostnames", "logs", "notify", "sni", "socks5"}
 
 
 def imports_of(module: str) -> set[str]:
