@@ -1,10 +1,13 @@
 """Mode ``http-connect``: the target comes from an HTTP ``CONNECT host:port`` request (RFC 9110 9.3.6).
 
-What curl (``--proxy``), urllib3, botocore and Python's http.client send through
-``HTTPS_PROXY``::
+What ``curl --proxy`` sends (urllib3 and botocore, through ``HTTPS_PROXY``, tunnel with
+Python's http.client: the same request line, in HTTP/1.0 with no header up to Python 3.11,
+in HTTP/1.1 with only ``Host`` from 3.12)::
 
     CONNECT kms.us-east-1.amazonaws.com:443 HTTP/1.1\\r\\n
     Host: kms.us-east-1.amazonaws.com:443\\r\\n
+    User-Agent: curl/7.88.1\\r\\n
+    Proxy-Connection: Keep-Alive\\r\\n
     \\r\\n
 
 The target must be in authority form (``host:port`` or ``[IPv6]:port``); header
@@ -37,7 +40,7 @@ METHOD = "method"         # 405: a well-formed request for another method (GET, 
 VERSION = "version"       # 505: a well-formed request line of another HTTP version (HTTP/2.0...)
 
 _END_OF_HEADERS = re.compile(rb"\n\r?\n")               # an empty line, after CRLF or LF line endings
-_NOT_REQUEST_LINE_TEXT = re.compile(rb"[^\x20-\x7e\r]")  # a partial request line can still end in CR
+_BAD_PARTIAL_LINE = re.compile(rb"[^\x20-\x7e\r]|\r(?!\Z)")  # a request line so far: a CR only last, LF pending
 _NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")    # RFC 9110 5.6.2: methods and header names
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
@@ -98,7 +101,7 @@ class HttpConnectParser:
         if self._target is None:
             newline = self._buffer.find(b"\n", held)  # the first line had no LF in the part already seen
             if newline < 0:
-                if _NOT_REQUEST_LINE_TEXT.search(self._buffer, held):
+                if _BAD_PARTIAL_LINE.search(self._buffer, max(0, held - 1)):  # a CR last time, and now?
                     return self._refuse(MALFORMED, "the request line is not printable ASCII")
             else:
                 target = self._request_line(self._buffer[:newline])
