@@ -34,13 +34,14 @@ MAY_IMPORT = {
     "server": {"listen", "metrics", "pipe", "resolver"},
     "pipe": set(),
     "handshake": set(),
+    "http_connect": {"handshake", "hostnames"},
     "metrics": {"pipe"},
     "metrics_server": {"hostnames", "listen"},
     "notify": set(),
     "logs": set(),
 }
 #: Modules that must not import gevent: they are plain data and checks.
-NO_GEVENT = {"config", "allowlist", "handshake", "hostnames", "logs", "notify", "__main__"}
+NO_GEVENT = {"config", "allowlist", "handshake", "http_connect", "hostnames", "logs", "notify", "__main__"}
 
 
 def imports_of(module: str) -> set[str]:
