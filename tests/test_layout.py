@@ -36,13 +36,14 @@ MAY_IMPORT = {
     "handshake": set(),
     "sni": {"handshake", "hostnames"},
     "socks5": {"handshake", "hostnames"},
+    "http_connect": {"handshake", "hostnames"},
     "metrics": {"pipe"},
     "metrics_server": {"hostnames", "listen"},
     "notify": set(),
     "logs": set(),
 }
 #: Modules that must not import gevent: they are plain data and checks.
-NO_GEVENT = {"__main__", "allowlist", "config", "handshake", "hostnames", "logs", "notify", "sni", "socks5"}
+NO_GEVENT = {"__main__", "allowlist", "config", "handshake", "hostnames", "http_connect", "logs", "notify", "sni", "socks5"}
 
 
 def imports_of(module: str) -> set[str]:
