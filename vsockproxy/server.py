@@ -22,8 +22,7 @@ import gevent
 import gevent.socket
 from gevent.pool import Pool
 
-from vsockproxy.handshake import (CONNECTED, NOT_ALLOWED, REFUSED, TIMED_OUT, UNREACHABLE, Parser, Refusal,
-                                  Request)
+from vsockproxy.handshake import CONNECTED, NOT_ALLOWED, REFUSED, TIMED_OUT, UNREACHABLE, Parser, Refusal
 from vsockproxy.hostnames import host_port
 from vsockproxy.listen import AcceptingServer, accept_batch, describe_peer
 from vsockproxy.metrics import ServiceMetrics
@@ -80,7 +79,7 @@ class ConnectError(Exception):
 
 
 class Refused(Exception):
-    """A request-routed connection that will not be relayed: told so, counted, and logged with this message."""
+    """A connection that will not be relayed: counted, and logged with this message (a request was answered)."""
 
     def __init__(self, message: str, failure: str, outcome: str, allowed_by: str = "") -> None:
         super().__init__(message)
@@ -112,27 +111,26 @@ class VsockProxyServer(AcceptingServer):
         started = time.monotonic()
         metrics = self.metrics
         metrics.opened()
-        if route.parser is not None:
-            self._handle_request(enclave, peer, started, route)
-            return
         try:
-            upstream, endpoint = _connect(route.endpoints, route.connect_timeout)
-        except ResolveError as exc:
-            log.warning("refused enclave=%s target=%s: %s", peer, route.target, exc)
-            metrics.closed("dns")
-            return
-        except ConnectError as exc:
-            log.warning("refused enclave=%s target=%s: %s", peer, route.target, exc)
-            metrics.closed("connect")
+            if route.parser is None:
+                upstream, endpoint = _connect_fixed(route)
+                names, sent = f"enclave={peer} target={endpoint}", 0
+            else:
+                upstream, names, sent = self._open_requested(enclave, peer, route, started)
+        except Refused as exc:
+            log.warning("refused enclave=%s %s: %s", peer, _subject(route), exc)
+            if route.parser is not None:
+                metrics.request(route.mode, exc.outcome, exc.allowed_by)
+            metrics.closed(exc.failure)
             return
         except BaseException as exc:
             metrics.closed("shutdown" if isinstance(exc, gevent.GreenletExit) else "internal-error")
             if not isinstance(exc, Exception):
                 raise
             # A bug must cost one connection, never the server.
-            log.error("refused enclave=%s target=%s: internal error: %r", peer, route.target, exc)
+            log.error("refused enclave=%s %s: internal error: %r", peer, _subject(route), exc)
             return
-        self._relay(enclave, upstream, route, f"enclave={peer} target={endpoint}", started)
+        self._relay(enclave, upstream, route, names, started, sent)
 
     def _relay(self, enclave: socket.socket, upstream: socket.socket, route: Route, names: str,
                started: float, up_bytes: int = 0) -> None:
@@ -154,33 +152,12 @@ class VsockProxyServer(AcceptingServer):
             log.info("closed %s up=%d down=%d duration=%.3fs end=%s",
                      names, up.bytes, down.bytes, time.monotonic() - started, ending)
 
-    def _handle_request(self, enclave: socket.socket, peer: str, started: float, route: Route) -> None:
-        """A request-routed connection: read its request, have it judged, answer it, relay."""
-        metrics = self.metrics
-        try:
-            upstream, endpoint, request, admission, sent = self._open_requested(enclave, route, started)
-        except Refused as exc:
-            log.warning("refused enclave=%s mode=%s: %s", peer, route.mode, exc)
-            metrics.request(route.mode, exc.outcome, exc.allowed_by)
-            metrics.closed(exc.failure)
-            return
-        except BaseException as exc:
-            metrics.closed("shutdown" if isinstance(exc, gevent.GreenletExit) else "internal-error")
-            if not isinstance(exc, Exception):
-                raise
-            log.error("refused enclave=%s mode=%s: internal error: %r", peer, route.mode, exc)
-            return
-        metrics.request(route.mode, CONNECTED, admission.allowed_by)
-        names = (f"enclave={peer} mode={route.mode} request={host_port(request.host, request.port)} "
-                 f"allowed_by={admission.allowed_by} target={endpoint}")
-        self._relay(enclave, upstream, route, names, started, sent)
-
-    def _open_requested(self, enclave: socket.socket, route: Route, started: float
-                        ) -> tuple[socket.socket, Endpoint, Request, Admission, int]:
+    def _open_requested(self, enclave: socket.socket, peer: str, route: Route, started: float
+                        ) -> tuple[socket.socket, str, int]:
         """Read the request and connect where it asks, if the allowlist admits it; raises Refused.
 
-        Returns the target's socket, the address it connected to, the request, its
-        admission, and how many bytes went to the target already.
+        Returns the target's socket, the connection's names for its log line, and
+        how many bytes went to the target already.
         """
         parser = route.parser()
         deadline = started + route.handshake_timeout
@@ -224,7 +201,10 @@ class VsockProxyServer(AcceptingServer):
         except BaseException:
             upstream.close()
             raise
-        return upstream, endpoint, outcome, admission, len(early_data)
+        self.metrics.request(route.mode, CONNECTED, admission.allowed_by)
+        names = (f"enclave={peer} mode={route.mode} request={requested} allowed_by={admission.allowed_by} "
+                 f"target={endpoint}")
+        return upstream, names, len(early_data)
 
     @property
     def num_workers(self) -> int:
@@ -287,6 +267,21 @@ class VsockProxyServer(AcceptingServer):
         enclave = socket.socket(*self._accepted_kind, fileno=fd)
         enclave.setblocking(False)
         return enclave, address
+
+
+def _subject(route: Route) -> str:
+    """What a refused connection asked for, as its log line names it."""
+    return f"target={route.target}" if route.parser is None else f"mode={route.mode}"
+
+
+def _connect_fixed(route: Route) -> tuple[socket.socket, Endpoint]:
+    """Connect to a fixed route's target; raises Refused."""
+    try:
+        return _connect(route.endpoints, route.connect_timeout)
+    except ResolveError as exc:
+        raise Refused(str(exc), "dns", UNREACHABLE) from None
+    except ConnectError as exc:
+        raise Refused(str(exc), "connect", exc.outcome) from None
 
 
 def _connect(endpoints: Callable[[], list[Endpoint]], timeout: float) -> tuple[socket.socket, Endpoint]:
