@@ -34,13 +34,16 @@ MAY_IMPORT = {
     "server": {"listen", "metrics", "pipe", "resolver"},
     "pipe": set(),
     "handshake": set(),
+    "sni": {"handshake", "hostnames"},
+    "socks5": {"handshake", "hostnames"},
+    "http_connect": {"handshake", "hostnames"},
     "metrics": {"pipe"},
     "metrics_server": {"hostnames", "listen"},
     "notify": set(),
     "logs": set(),
 }
 #: Modules that must not import gevent: they are plain data and checks.
-NO_GEVENT = {"config", "allowlist", "handshake", "hostnames", "logs", "notify", "__main__"}
+NO_GEVENT = {"__main__", "allowlist", "config", "handshake", "hostnames", "http_connect", "logs", "notify", "sni", "socks5"}
 
 
 def imports_of(module: str) -> set[str]:
