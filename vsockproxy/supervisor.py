@@ -347,7 +347,7 @@ def _request_route(service: Service, allowlist: Allowlist, resolver: Resolver) -
 
     def admit(host: str, port: int) -> Admission:
         try:
-            target = allowlist.authorize(host, port, resolver)
+            target = allowlist.authorize(host, port, resolver, by_address=False)
         except NotAllowed as exc:
             raise NotAdmitted(str(exc)) from None
         return Admission(str(target), str(target.allowed_by), partial(target.endpoints, resolver))
