@@ -126,6 +126,8 @@ class Routing:
             "sni-other-port": f"mode: sni, port: {self.other_port}",
             "fixed": f"address: {NAME}, port: {self.https_port}",
             "slow": f"mode: http-connect, num_workers: 1, handshake_timeout: {SLOW_TIMEOUT:g}",
+            "slow-socks": f"mode: socks5, handshake_timeout: {SLOW_TIMEOUT:g}",
+            "slow-sni": f"mode: sni, port: {self.https_port}, handshake_timeout: {SLOW_TIMEOUT:g}",
             "http-verify": "mode: http-connect, verify_sni: true",
             "socks-verify": "mode: socks5, verify_sni: true",
         }
@@ -330,6 +332,28 @@ def test_http_connect_slow_request_gets_408_and_frees_the_only_worker(routing):
     routing.next_log(f"mode=http-connect request={NAME}:{routing.https_port} ", seen)
 
 
+@pytest.mark.parametrize("mode", ["socks5", "sni"])
+def test_slow_request_is_cut_after_the_handshake_timeout_and_counted(routing, mode):
+    """The same limit in the other modes: half a request, then the proxy closes after 1 s, relaying nothing."""
+    service = "slow-socks" if mode == "socks5" else "slow-sni"
+    with vsock_connect(routing.ports[service]) as client:
+        started = time.monotonic()
+        if mode == "socks5":
+            client.sendall(b"\x05\x01\x00")
+            assert recv_exactly(client, 2) == b"\x05\x00"
+            client.sendall(b"\x05\x01\x00\x03\x09local")  # half of CONNECT localhost:PORT
+            answer = recv_all(client)
+            assert len(answer) == 10 and answer[:2] != b"\x05\x00" and answer[0] == 5, answer
+        else:
+            client.sendall(client_hello(NAME)[:40])
+            answer = recv_all(client)
+            assert answer == b"" or answer.startswith(b"\x15\x03"), answer  # nothing, or an alert
+        elapsed = time.monotonic() - started
+    assert SLOW_TIMEOUT * 0.9 <= elapsed < IO_TIMEOUT, elapsed
+    assert metric(routing, "vsockproxy_requests_total", service=str(routing.ports[service]), mode=mode,
+                  outcome="too-slow") >= 1
+
+
 def test_http_connect_oversized_request_gets_431(routing):
     padding = b"X-Padding: " + b"a" * (9 * 1024) + b"\r\n"
     with vsock_connect(routing.ports["http"]) as client:
@@ -350,14 +374,15 @@ def test_socks5_curl_socks5_hostname_fetches_the_page(routing):
 @pytest.mark.parametrize("which", ["name", "port"])
 def test_socks5_refuses_what_the_allowlist_does_not_admit(routing, which):
     host, port = (OTHER_NAME, routing.https_port) if which == "name" else (NAME, routing.other_port)
+    seen = routing.log_count(f"request={host}:{port}:")
     result = curl("--socks5-hostname", f"127.0.0.1:{routing.bridges['socks']}", "--cacert",
                   str(routing.certificate), f"https://{host}:{port}/")
     assert result.returncode != 0 and result.stdout == b"", (result.returncode, result.stderr)
-    seen = routing.log_count(f"request={host}:{port}:")
     with vsock_connect(routing.ports["socks"]) as client:
         assert socks5_connect(client, host, port) == socks5_reply(0x02)  # connection not allowed by ruleset
         assert_closed_without_reply(client)
-    assert "mode=socks5" in routing.next_log(f"request={host}:{port}:", seen)
+    for line in (routing.next_log(f"request={host}:{port}:", seen + n) for n in (0, 1)):  # curl's, then ours
+        assert " WARNING refused enclave=1:" in line and "mode=socks5" in line, line
 
 
 # --------------------------------------------------------------------------- sni
@@ -423,6 +448,21 @@ def test_verify_sni_lets_the_requested_name_through(routing):
 
 # --------------------------------------------------------------------------- metrics
 
+def scrape(routing) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{routing.metrics_port}/metrics", timeout=IO_TIMEOUT) as answer:
+        return answer.read().decode()
+
+
+def metric(routing, name: str, text: str | None = None, **labels: str) -> float:
+    """The value of the one sample of ``name`` whose labels include ``labels``."""
+    found = []
+    for line in (scrape(routing) if text is None else text).splitlines():
+        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
+            found.append(float(line.rsplit(" ", 1)[1]))
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
 def test_requests_are_counted_by_mode_outcome_and_entry_never_by_name(routing):
     with vsock_connect(routing.ports["http"]) as client:
         client.sendall(f"CONNECT {OTHER_NAME}:443 HTTP/1.1\r\n\r\n".encode())
@@ -430,18 +470,10 @@ def test_requests_are_counted_by_mode_outcome_and_entry_never_by_name(routing):
     with vsock_connect(routing.ports["http"]) as client:
         assert http_connect(client, NAME, routing.https_port).startswith(b"HTTP/1.1 200 ")
         assert https_get(client, routing.certificate) == PAGE
-    with urllib.request.urlopen(f"http://127.0.0.1:{routing.metrics_port}/metrics", timeout=IO_TIMEOUT) as answer:
-        text = answer.read().decode()
-    samples = [line for line in text.splitlines() if line.startswith("vsockproxy_requests_total{")]
-    service = f'service="{routing.ports["http"]}"'
-
-    def value(outcome: str, allowed_by: str) -> float:
-        for line in samples:
-            if (service in line and f'mode="http-connect"' in line and f'outcome="{outcome}"' in line
-                    and f'allowed_by="{allowed_by}"' in line):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"no {outcome}/{allowed_by!r} sample in {samples}")
-
-    assert value("connected", f"{NAME}:{routing.https_port}") >= 1
-    assert value("not-allowed", "") >= 1
+    text = scrape(routing)
+    service = str(routing.ports["http"])
+    assert metric(routing, "vsockproxy_requests_total", text, service=service, mode="http-connect",
+                  outcome="connected", allowed_by=f"{NAME}:{routing.https_port}") >= 1
+    assert metric(routing, "vsockproxy_requests_total", text, service=service, mode="http-connect",
+                  outcome="not-allowed", allowed_by="") >= 1
     assert OTHER_NAME not in text
