@@ -132,7 +132,8 @@ class Routing:
             "socks-verify": "mode: socks5, verify_sni: true",
         }
         for key in services:
-            self.ports[key] = free_vsock_port()
+            while key not in self.ports or list(self.ports.values()).count(self.ports[key]) > 1:
+                self.ports[key] = free_vsock_port()  # released again, so two draws could meet
         config = self.config
         config.write_text("\n".join([
             "allowlist:",
