@@ -40,6 +40,7 @@ OTHER_NAME = "evil.example"                   # never resolved: the allowlist re
 ACCESS_DENIED = bytes.fromhex("15030300020231")  # fatal alert, access_denied (49)
 UNRECOGNIZED_NAME = bytes.fromhex("15030300020270")  # fatal alert, unrecognized_name (112)
 SLOW_TIMEOUT = 1.0
+SNI_ADDRESS = "127.0.0.2"  # the sni forwarder's address, as in the README (the VM is the only user of its port 443)
 #: curl must go through the bridge: none of the caller's proxy settings (NO_PROXY=localhost, say) apply.
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                    "ALL_PROXY", "NO_PROXY", "CURL_HOME")
@@ -145,13 +146,15 @@ class Routing:
         self.proxy = ProxyProcess([*vsock_proxy_command(), "--config", str(config), "--handshake-timeout", "30",
                                    "--metrics-address", f"127.0.0.1:{self.metrics_port}"], cli_env())
         self.proxy.wait_listening(len(services))
-        for key in ("http", "socks", "sni", "fixed", "http-verify", "socks-verify"):
+        for key in ("http", "socks", "fixed", "http-verify", "socks-verify"):
             self.bridges[key] = self._bridge(self.ports[key])
+        # As the README's sni example: port 443 of a second loopback address that the name points at.
+        self.bridges["sni"] = self._bridge(self.ports["sni"], SNI_ADDRESS, 443)
 
-    def _bridge(self, vsock_port: int) -> int:
-        """The enclave's forwarder: ``socat TCP-LISTEN:P,bind=127.0.0.1,fork,reuseaddr VSOCK-CONNECT:1:PORT``."""
-        tcp_port = unused_tcp_port()
-        bridge = LoggedProcess(["socat", "-d", "-d", f"TCP-LISTEN:{tcp_port},bind=127.0.0.1,fork,reuseaddr",
+    def _bridge(self, vsock_port: int, address: str = "127.0.0.1", tcp_port: int = 0) -> int:
+        """The enclave's forwarder: ``socat TCP-LISTEN:P,bind=ADDRESS,fork,reuseaddr VSOCK-CONNECT:1:PORT``."""
+        tcp_port = tcp_port or unused_tcp_port()
+        bridge = LoggedProcess(["socat", "-d", "-d", f"TCP-LISTEN:{tcp_port},bind={address},fork,reuseaddr",
                                 f"VSOCK-CONNECT:1:{vsock_port}"], cli_env())
         self._bridges.append(bridge)
         bridge.wait_for("listening on", timeout=IO_TIMEOUT)
@@ -372,6 +375,15 @@ def test_socks5_curl_socks5_hostname_fetches_the_page(routing):
     assert f"request={NAME}:{routing.https_port} allowed_by={NAME}:{routing.https_port} " in line, line
 
 
+def test_socks5_through_all_proxy_socks5h(routing):
+    """The README's other socks5 line: ALL_PROXY=socks5h://, where the proxy resolves the name."""
+    seen = routing.log_count("mode=socks5 request=")
+    assert_page(curl("--cacert", str(routing.certificate), f"https://{NAME}:{routing.https_port}/",
+                     env={"ALL_PROXY": f"socks5h://127.0.0.1:{routing.bridges['socks']}"}))
+    line = routing.next_log("mode=socks5 request=", seen)
+    assert f"request={NAME}:{routing.https_port} " in line, line
+
+
 @pytest.mark.parametrize("which", ["name", "port"])
 def test_socks5_refuses_what_the_allowlist_does_not_admit(routing, which):
     host, port = (OTHER_NAME, routing.https_port) if which == "name" else (NAME, routing.other_port)
@@ -389,11 +401,14 @@ def test_socks5_refuses_what_the_allowlist_does_not_admit(routing, which):
 # --------------------------------------------------------------------------- sni
 
 def test_sni_curl_resolve_fetches_the_page(routing):
-    """No proxy settings: the name points at the forwarder, and the proxy routes by the ClientHello's SNI."""
-    bridge = routing.bridges["sni"]
+    """No proxy settings: the name points at the forwarder, and the proxy routes by the ClientHello's SNI.
+
+    The README's /etc/hosts line is curl's --resolve here: the VM's /etc/hosts also serves the proxy,
+    which must resolve the same name to the real server.
+    """
     seen = routing.log_count("mode=sni request=")
-    assert_page(curl("--cacert", str(routing.certificate), "--resolve", f"{NAME}:{bridge}:127.0.0.1",
-                     f"https://{NAME}:{bridge}/"))
+    assert_page(curl("--cacert", str(routing.certificate), "--resolve", f"{NAME}:443:{SNI_ADDRESS}",
+                     f"https://{NAME}/"))
     line = routing.next_log("mode=sni request=", seen)
     assert f"request={NAME}:{routing.https_port} allowed_by={NAME}:{routing.https_port} " in line, line
 
