@@ -19,11 +19,12 @@ import ipaddress
 import socket
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import GlibcLikeDNS
 from tests.test_bypass import BARE_NUMBERS, DIFFERENT_NAMES, INVALID_LOOKALIKES, NON_CANONICAL_IPV4
+from tests.fuzzing import fuzz_settings, run_counted
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.config import parse_document
 from vsockproxy.handshake import (
@@ -540,13 +541,6 @@ LONG_HEADER_LINE = b"X-Long: " + b"z" * 3000
 ENDINGS = [b"\r\n"] * 12 + [b"\n"] * 3 + [b"\r", b"\r\r\n", b""]
 
 
-def fuzz_settings(name: str):
-    checks = [getattr(HealthCheck, n) for n in ("too_slow", "data_too_large", "filter_too_much",
-                                                "large_base_example") if hasattr(HealthCheck, n)]
-    return settings(max_examples=FUZZ_CASES[name], deadline=None, derandomize=True, database=None,
-                    suppress_health_check=checks, print_blob=False)
-
-
 def test_fuzz_budget_is_at_least_10000_cases():
     assert FUZZ_TOTAL >= 10_000, FUZZ_CASES
 
@@ -623,7 +617,7 @@ def judge(host: str, port: int) -> None:
 cuts_st = st.lists(st.integers(min_value=0, max_value=20_000), max_size=6)
 
 
-@fuzz_settings("random_bytes")
+@fuzz_settings(FUZZ_CASES["random_bytes"])
 @given(prefix=st.sampled_from([b"", b"CONNECT ", b"CONNECT a.example:443 HTTP/1.1\r\n"]),
        body=st.binary(max_size=300), suffix=st.sampled_from([b"", b"\r\n\r\n"]), cuts=cuts_st)
 def _random_bytes(prefix, body, suffix, cuts):
@@ -649,7 +643,7 @@ def token_soup(draw) -> bytes:
     return b"".join(text + ending for text, ending in zip(lines + [b""], endings)) + early
 
 
-@fuzz_settings("token_soup")
+@fuzz_settings(FUZZ_CASES["token_soup"])
 @given(data=token_soup(), cuts=cuts_st)
 def _token_soup(data, cuts):
     CASES_RUN["token_soup"] += 1
@@ -679,7 +673,7 @@ def valid_requests(draw) -> tuple[bytes, str, int, int]:
     return head + early, host, port, len(head)
 
 
-@fuzz_settings("valid")
+@fuzz_settings(FUZZ_CASES["valid"])
 @given(case=valid_requests(), cuts=cuts_st)
 def _valid(case, cuts):
     CASES_RUN["valid"] += 1
@@ -706,7 +700,7 @@ def mutated(draw) -> bytes:
     return bytes(data)
 
 
-@fuzz_settings("mutated")
+@fuzz_settings(FUZZ_CASES["mutated"])
 @given(data=mutated(), cuts=cuts_st)
 def _mutated(data, cuts):
     CASES_RUN["mutated"] += 1
@@ -716,6 +710,4 @@ def _mutated(data, cuts):
 @pytest.mark.parametrize("name, run", [("random_bytes", _random_bytes), ("token_soup", _token_soup),
                                        ("mutated", _mutated), ("valid", _valid)])
 def test_fuzz(name, run):
-    CASES_RUN[name] = 0
-    run()
-    assert CASES_RUN[name] >= FUZZ_CASES[name], (name, CASES_RUN[name])
+    run_counted(name, run, FUZZ_CASES, CASES_RUN)

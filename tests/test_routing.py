@@ -14,7 +14,6 @@ import re
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 
@@ -24,23 +23,12 @@ import gevent.ssl
 import pytest
 from prometheus_client import generate_latest
 
-from tests.helpers import TcpListeners, echo, recv_all, recv_exactly, supervisor_for, wait_until
+from tests.helpers import (TcpListeners, client_hello, echo, http_response_head, recv_all, recv_exactly,
+                           self_signed_certificate, supervisor_for, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
 HTTP_200 = b"HTTP/1.1 200 Connection established\r\n\r\n"
-
-
-def client_hello(server_name: str | None) -> bytes:
-    """The ClientHello Python's TLS client sends first, for ``server_name`` (None: no SNI)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 @pytest.fixture
@@ -79,17 +67,6 @@ def connect(address) -> gevent.socket.socket:
     return gevent.socket.create_connection(address, timeout=10)
 
 
-def http_reply(sock) -> bytes:
-    """Everything up to the end of an HTTP response's header section."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def logged(caplog, pattern: str) -> str | None:
     """The last log line that matches ``pattern``, if any."""
     found = [r.getMessage() for r in caplog.records if re.search(pattern, r.getMessage())]
@@ -124,7 +101,7 @@ def test_http_connect_relays_to_an_allowed_target_and_logs_the_request_and_entry
     with connect(address) as client:
         client.sendall(f"CONNECT localhost:{target.port} HTTP/1.1\r\nHost: localhost:{target.port}\r\n"
                        f"User-Agent: curl/7.88.1\r\n\r\n".encode())
-        assert http_reply(client) == HTTP_200
+        assert http_response_head(client) == HTTP_200
         client.sendall(b"x" * 100_000)
         client.shutdown(socket.SHUT_WR)
         assert recv_all(client) == b"x" * 100_000
@@ -138,7 +115,7 @@ def test_http_connect_sends_pipelined_bytes_after_the_request_to_the_target_firs
     (address,), target, _ = routed(["mode: http-connect"])
     with connect(address) as client:
         client.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\n\r\nearly".encode())
-        assert http_reply(client) == HTTP_200
+        assert http_response_head(client) == HTTP_200
         assert recv_exactly(client, 5) == b"early"
 
 
@@ -193,7 +170,7 @@ def test_a_request_over_8_kib_is_431_and_frees_the_worker(routed):
         assert recv_all(client).startswith(b"HTTP/1.1 431 ")
     with connect(address) as client:  # the only worker is free again
         client.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\n\r\n".encode())
-        assert http_reply(client) == HTTP_200
+        assert http_response_head(client) == HTTP_200
 
 
 def test_a_slow_request_is_408_after_the_handshake_timeout_and_frees_the_worker(routed, caplog):
@@ -205,7 +182,7 @@ def test_a_slow_request_is_408_after_the_handshake_timeout_and_frees_the_worker(
         assert 0.4 < time.monotonic() - started < 3
     with connect(address) as client:
         client.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\n\r\n".encode())
-        assert http_reply(client) == HTTP_200
+        assert http_response_head(client) == HTTP_200
     assert "handshake timeout" in log_line(caplog, "refused enclave=")
     assert requests_counted(supervisor, 9000)[("", "http-connect", "too-slow")] == 1.0
 
@@ -286,7 +263,7 @@ def test_sni_refusals_close_with_a_tls_alert(routed, name, alert):
 
 def test_a_real_tls_client_completes_its_handshake_through_sni(routed, tmp_path):
     """TLS end to end: the proxy only routes; the client verifies the target's own certificate."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     tls_listener = socket.create_server(("127.0.0.1", 0))
@@ -312,14 +289,6 @@ def test_a_real_tls_client_completes_its_handshake_through_sni(routed, tmp_path)
         thread.join(timeout=10)
 
 
-def _self_signed(tmp_path) -> tuple[str, str]:
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True, timeout=30)
-    return cert, key
-
-
 # --------------------------------------------------------------------------- verify_sni
 
 @pytest.mark.parametrize("mode", ["http-connect", "socks5"])
@@ -328,7 +297,7 @@ def test_verify_sni_closes_a_stream_whose_client_hello_names_another_host(routed
     with connect(address) as client:
         if mode == "http-connect":
             client.sendall(f"CONNECT localhost:{target.port} HTTP/1.1\r\n\r\n".encode())
-            assert http_reply(client) == HTTP_200
+            assert http_response_head(client) == HTTP_200
         else:
             assert socks5_connect(client, 3, b"\x09localhost", target.port)[:2] == b"\x05\x00"
         client.sendall(client_hello("evil.example"))
@@ -343,12 +312,12 @@ def test_verify_sni_lets_a_matching_client_hello_and_a_non_tls_stream_through(ro
     hello = client_hello("LOCALHOST.")  # the same name, spelled another way
     with connect(address) as client:
         client.sendall(f"CONNECT localhost:{target.port} HTTP/1.1\r\n\r\n".encode())
-        assert http_reply(client) == HTTP_200
+        assert http_response_head(client) == HTTP_200
         client.sendall(hello)
         assert recv_exactly(client, len(hello)) == hello
     with connect(address) as client:
         client.sendall(f"CONNECT localhost:{target.port} HTTP/1.1\r\n\r\nplain text".encode())
-        assert http_reply(client) == HTTP_200
+        assert http_response_head(client) == HTTP_200
         assert recv_exactly(client, 10) == b"plain text"
 
 
@@ -382,5 +351,5 @@ def test_a_name_no_entry_names_is_refused_without_a_dns_query(routed, monkeypatc
         assert recv_all(client).startswith(b"HTTP/1.1 403 ")
     with connect(address) as client:  # a name that an entry names is looked up, as it must be
         client.sendall(f"CONNECT localhost:{target.port} HTTP/1.1\r\n\r\n".encode())
-        assert http_reply(client) == HTTP_200
+        assert http_response_head(client) == HTTP_200
     assert "secret-data.attacker.example" not in asked and "localhost" in asked

@@ -24,11 +24,12 @@ import socket
 import ssl
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import GlibcLikeDNS
 from tests.test_bypass import BARE_NUMBERS, DIFFERENT_NAMES, INVALID_LOOKALIKES, KMS, KMS_IP, NON_CANONICAL_IPV4
+from tests.fuzzing import fuzz_settings, run_counted
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.config import parse_document
 from vsockproxy.handshake import (
@@ -499,19 +500,6 @@ ADMITTED_NETWORK = ipaddress.ip_network("10.1.2.0/24")
 CASES_RUN: dict[str, int] = {}
 
 
-def fuzz_settings(name: str):
-    checks = [getattr(HealthCheck, n) for n in ("too_slow", "data_too_large", "filter_too_much",
-                                                "large_base_example") if hasattr(HealthCheck, n)]
-    return settings(max_examples=FUZZ_CASES[name], deadline=None, derandomize=True, database=None,
-                    suppress_health_check=checks, print_blob=False)
-
-
-def run_counted(name: str, inner) -> None:
-    CASES_RUN[name] = 0
-    inner()
-    assert CASES_RUN[name] >= FUZZ_CASES[name], (name, CASES_RUN[name], FUZZ_CASES[name])
-
-
 def check_case(data: bytes, chunks, port: int = PORT):
     """Feed ``data`` whole and in ``chunks``: same ending, and that ending is sound."""
     whole = feed_all(data, port=port)
@@ -581,7 +569,7 @@ def test_fuzz_budget_is_at_least_10000_cases():
 
 
 def test_fuzz_random_bytes():
-    @fuzz_settings("random_bytes")
+    @fuzz_settings(FUZZ_CASES["random_bytes"])
     @given(st.data())
     def inner(data):
         prefix = data.draw(st.sampled_from([b"", b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x03\x02\x00",
@@ -590,11 +578,11 @@ def test_fuzz_random_bytes():
         check_case(payload, chunk_sizes(data.draw, len(payload)))
         CASES_RUN["random_bytes"] += 1
 
-    run_counted("random_bytes", inner)
+    run_counted("random_bytes", inner, FUZZ_CASES, CASES_RUN)
 
 
 def test_fuzz_random_records():
-    @fuzz_settings("random_records")
+    @fuzz_settings(FUZZ_CASES["random_records"])
     @given(st.data())
     def inner(data):
         body = data.draw(st.binary(max_size=400))
@@ -606,11 +594,11 @@ def test_fuzz_random_records():
         check_case(payload, chunk_sizes(data.draw, len(payload)))
         CASES_RUN["random_records"] += 1
 
-    run_counted("random_records", inner)
+    run_counted("random_records", inner, FUZZ_CASES, CASES_RUN)
 
 
 def test_fuzz_mutated_real_client_hellos():
-    @fuzz_settings("mutated_real")
+    @fuzz_settings(FUZZ_CASES["mutated_real"])
     @given(st.data())
     def inner(data):
         version, name = data.draw(st.sampled_from(REAL_HELLOS))
@@ -630,7 +618,7 @@ def test_fuzz_mutated_real_client_hellos():
         check_case(bytes(payload), chunk_sizes(data.draw, len(payload)))
         CASES_RUN["mutated_real"] += 1
 
-    run_counted("mutated_real", inner)
+    run_counted("mutated_real", inner, FUZZ_CASES, CASES_RUN)
 
 
 NAME_POOL = sorted({KMS, KMS.upper() + ".", "a.example.com", "front.example.org", "evil.example.org",
@@ -650,7 +638,7 @@ def expected_for_name(name: bytes) -> str:
 
 
 def test_fuzz_random_names():
-    @fuzz_settings("random_names")
+    @fuzz_settings(FUZZ_CASES["random_names"])
     @given(st.data())
     def inner(data):
         name = data.draw(st.one_of(
@@ -672,11 +660,11 @@ def test_fuzz_random_names():
             assert isinstance(outcome, Refusal) and outcome.outcome == expected, (name, outcome)
         CASES_RUN["random_names"] += 1
 
-    run_counted("random_names", inner)
+    run_counted("random_names", inner, FUZZ_CASES, CASES_RUN)
 
 
 def test_fuzz_random_splits_give_the_same_request():
-    @fuzz_settings("random_splits")
+    @fuzz_settings(FUZZ_CASES["random_splits"])
     @given(st.data())
     def inner(data):
         if data.draw(st.booleans()):
@@ -696,4 +684,4 @@ def test_fuzz_random_splits_give_the_same_request():
             assert outcome == TOO_LARGE_REFUSAL
         CASES_RUN["random_splits"] += 1
 
-    run_counted("random_splits", inner)
+    run_counted("random_splits", inner, FUZZ_CASES, CASES_RUN)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import tests.test_bypass as bypass
 from tests.helpers import GlibcLikeDNS
+from tests.fuzzing import fuzz_settings, run_counted
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.config import parse_document
 from vsockproxy.handshake import (
@@ -474,22 +474,6 @@ LABELS = {"not-socks5": {b""}, "no-method": {NO_METHOD}, "malformed": {NO_METHOD
           "unsupported": {reply_bytes(0x07)}, "address-type": {reply_bytes(0x08)}}
 
 
-def fuzz_settings(name: str):
-    checks = [getattr(HealthCheck, n) for n in ("too_slow", "data_too_large", "filter_too_much",
-                                                "large_base_example") if hasattr(HealthCheck, n)]
-    return settings(max_examples=FUZZ_CASES[name], deadline=None, derandomize=True, database=None,
-                    suppress_health_check=checks, print_blob=False)
-
-
-def run_counted(name: str, inner) -> None:
-    """Run the @given function ``inner`` and check it really ran its share of the budget."""
-    CASES_RUN[name] = 0
-    started = time.monotonic()
-    inner()
-    print(f"fuzz {name}: {CASES_RUN[name]} cases in {time.monotonic() - started:.1f}s")
-    assert CASES_RUN[name] >= FUZZ_CASES[name], (name, CASES_RUN[name], FUZZ_CASES[name])
-
-
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({cut % (len(data) + 1) for cut in cuts})
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
@@ -623,39 +607,39 @@ def test_fuzz_budget_is_at_least_10000_cases():
 
 
 def test_fuzz_random_bytes():
-    @fuzz_settings("random_bytes")
+    @fuzz_settings(FUZZ_CASES["random_bytes"])
     @given(st.binary(max_size=700), cuts)
     def inner(data, points):
         check_case("random_bytes", data, split(data, points))
 
-    run_counted("random_bytes", inner)
+    run_counted("random_bytes", inner, FUZZ_CASES, CASES_RUN)
 
 
 def test_fuzz_socks5_prefixed_bytes():
-    @fuzz_settings("socks5_prefixed_bytes")
+    @fuzz_settings(FUZZ_CASES["socks5_prefixed_bytes"])
     @given(st.sampled_from([b"\x05", b"\x05\x01\x00", b"\x05\x02\x00\x01\x05\x01\x00", b"\x05\x02\x00\x02\x05"]),
            st.binary(max_size=600), cuts)
     def inner(prefix, tail, points):
         data = prefix + tail
         check_case("socks5_prefixed_bytes", data, split(data, points))
 
-    run_counted("socks5_prefixed_bytes", inner)
+    run_counted("socks5_prefixed_bytes", inner, FUZZ_CASES, CASES_RUN)
 
 
 def test_fuzz_structured_exchanges():
-    @fuzz_settings("structured_exchanges")
+    @fuzz_settings(FUZZ_CASES["structured_exchanges"])
     @given(exchanges(), cuts)
     def inner(data, points):
         check_case("structured_exchanges", data, split(data, points))
 
-    run_counted("structured_exchanges", inner)
+    run_counted("structured_exchanges", inner, FUZZ_CASES, CASES_RUN)
 
 
 def test_fuzz_mutated_exchanges():
     mutation = st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]), st.integers(0, 600),
                          st.integers(0, 255))
 
-    @fuzz_settings("mutated_exchanges")
+    @fuzz_settings(FUZZ_CASES["mutated_exchanges"])
     @given(exchanges(), st.lists(mutation, min_size=1, max_size=3), cuts)
     def inner(data, mutations, points):
         buffer = bytearray(data)
@@ -675,5 +659,5 @@ def test_fuzz_mutated_exchanges():
         data = bytes(buffer)
         check_case("mutated_exchanges", data, split(data, points))
 
-    run_counted("mutated_exchanges", inner)
+    run_counted("mutated_exchanges", inner, FUZZ_CASES, CASES_RUN)
 

@@ -30,7 +30,7 @@ import pytest
 
 from tests.e2e.vsock import (IO_TIMEOUT, LoggedProcess, ProxyProcess, free_vsock_port, recv_all, recv_exactly,
                              vsock_connect, vsock_proxy_command)
-from tests.helpers import cli_env, unused_tcp_port
+from tests.helpers import cli_env, client_hello, http_response_head, self_signed_certificate, unused_tcp_port
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 
@@ -91,16 +91,6 @@ class HttpsServer:
         self.thread.join(timeout=10)
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for DNS:localhost, as ``openssl req -x509`` makes one."""
-    certificate, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "2", "-subj", f"/CN={NAME}", "-addext", f"subjectAltName=DNS:{NAME}",
-                    "-keyout", str(key), "-out", str(certificate)],
-                   check=True, capture_output=True, timeout=IO_TIMEOUT)
-    return certificate, key
-
-
 # --------------------------------------------------------------------------- the proxy and the enclave's forwarders
 
 class Routing:
@@ -108,7 +98,7 @@ class Routing:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.certificate, key = make_certificate(workdir)
+        self.certificate, key = self_signed_certificate(workdir, NAME, IO_TIMEOUT)
         self.https = HttpsServer(self.certificate, key)
         self.https_port = self.https.port
         self.other_port = unused_tcp_port()   # a port the allowlist does not admit
@@ -202,32 +192,6 @@ def assert_page(result: subprocess.CompletedProcess) -> None:
 
 
 # --------------------------------------------------------------------------- raw enclave clients
-
-def client_hello(server_name: str | None) -> bytes:
-    """The first flight of a TLS client for ``server_name`` (None: no SNI extension), as Python's ssl sends it."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if server_name is None:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    outgoing = ssl.MemoryBIO()
-    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    hello = outgoing.read()
-    assert hello[:1] == b"\x16" and hello[5:6] == b"\x01", hello[:6]  # handshake record, ClientHello
-    return hello
-
-
-def http_response_head(sock: socket.socket) -> bytes:
-    """The bytes up to and including the blank line that ends a response's header section."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        head += chunk
-    return head
-
 
 def http_connect(sock: socket.socket, host: str, port: int) -> bytes:
     """Send ``CONNECT host:port``; return the response's header section."""
