@@ -12,6 +12,7 @@ import queue
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -500,3 +501,42 @@ def fetch_pattern(sock: socket.socket, seed: int, size: int) -> str:
     if total < size:
         return "cut"
     return "intact" if (digest, total) == (hashlib.sha256(pattern(seed, size)).hexdigest(), size) else "corrupt"
+
+# --------------------------------------------------------------------------- TLS and HTTP for the routed modes
+
+def client_hello(server_name: str | None) -> bytes:
+    """The first flight of a TLS client for ``server_name`` (None: no SNI extension), as Python's ssl sends it."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if server_name is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:  # the client has sent its ClientHello and waits for the server's answer
+        pass
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16" and hello[5:6] == b"\x01", hello[:6]  # handshake record, ClientHello
+    return hello
+
+
+def self_signed_certificate(directory: Path, name: str = "localhost", timeout: float = 60) -> tuple[Path, Path]:
+    """A certificate and key for DNS:``name``, as ``openssl req -x509`` makes them."""
+    certificate, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+                    "-keyout", str(key), "-out", str(certificate)],
+                   check=True, capture_output=True, timeout=timeout)
+    return certificate, key
+
+
+def http_response_head(sock) -> bytes:
+    """The bytes up to and including the blank line that ends a response's header section."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return head

@@ -165,3 +165,18 @@ def test_check_runs_beside_the_proxy_it_replaces(run_cli, write_config, tcp_list
         shutil.rmtree(directory)
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert result.stdout.startswith(f"ok   vsock port {vsock_port} -> 127.0.0.1:{port} ("), result.stdout
+
+
+def test_request_routed_services_pass_with_a_line_saying_their_targets_are_checked_per_request(
+        run_cli, write_config, tcp_listener):
+    port = tcp_listener()
+    path = write_config(f"allowlist:\n- {{address: 127.0.0.1, port: {port}}}\nservices:\n"
+                        f"- {{listen_port: 8000, address: 127.0.0.1, port: {port}}}\n"
+                        "- {listen_port: 8080, mode: http-connect}\n- {listen_port: 8443, mode: sni, port: 443}\n")
+    result = run_cli("--check", "--config", path, env=check_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"ok   vsock port 8000 -> 127.0.0.1:{port} (allowed by 127.0.0.1:{port}")
+    assert lines[1:] == [
+        "ok   vsock port 8080 (http-connect) (each request's target is checked against the allowlist when it comes)",
+        "ok   vsock port 8443 (sni, port 443) (each request's target is checked against the allowlist when it comes)"]

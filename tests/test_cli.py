@@ -571,3 +571,15 @@ def test_help_has_no_dead_link_and_tells_the_settings_syntax(run_cli):
     assert "num_workers = 16, connect-timeout = 5" in flat and "'-' or '_'" in flat
     assert "RUST_LOG" in flat and "--check" in flat
     assert "command-line values override environment variables which override config file values" in flat
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--backlog=--", "8000", "127.0.0.1", "9"], {}),
+    (["8000", "127.0.0.1", "9"], {"VSOCK_PROXY_BACKLOG": "--"}),
+    (["8000", "127.0.0.1", "9"], {"VSOCK_PROXY_HANDSHAKE_TIMEOUT": "--"}),
+])
+def test_a_value_of_two_dashes_is_a_usage_error_not_an_empty_list(run_cli, argv, env):
+    """argparse drops a value of exactly ``--`` and stores []; found by the CLI fuzz."""
+    result = run_cli(*argv, env=cli_env(**env))
+    line = assert_one_line_error(result, 2)
+    assert "expected one argument" in line

@@ -100,3 +100,48 @@ def test_connect_timeout_must_be_more_than_zero_in_both():
         CONNECT_TIMEOUT.check(0, "connect-timeout")
     with pytest.raises(ValueError, match="must be a number of seconds, got 'soon'"):
         CONNECT_TIMEOUT.parse("soon", "connect-timeout")
+
+
+# --------------------------------------------------------------------------- request-routed modes (issue 13)
+
+def test_each_mode_takes_the_target_keys_it_needs_and_no_others():
+    file = file_with({"listen_port": 8080, "mode": "http-connect"},
+                     {"listen_port": 1080, "mode": "socks5", "verify_sni": True},
+                     {"listen_port": 8443, "mode": "sni", "port": 443, "handshake_timeout": 2.5},
+                     {"listen_port": 8000, "mode": "fixed", "address": "127.0.0.1", "port": 9000})
+    options = Options(defaults=Defaults(handshake_timeout=7.0))
+    connect, socks, sni, fixed = configure(file, options).services
+    assert (connect.mode, connect.address, connect.port, connect.verify_sni, connect.handshake_timeout) == \
+        ("http-connect", None, None, False, 7.0)
+    assert (socks.mode, socks.verify_sni) == ("socks5", True)
+    assert (sni.mode, sni.address, sni.port, sni.handshake_timeout) == ("sni", None, 443, 2.5)
+    assert (fixed.mode, fixed.address, fixed.port) == ("fixed", "127.0.0.1", 9000)
+    assert [str(s) for s in (connect, sni, fixed)] == ["vsock port 8080 (http-connect)", "vsock port 8443 (sni, port 443)",
+                                                       "vsock port 8000 -> 127.0.0.1:9000"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"mode": "socks4"}, "service 1: mode must be one of fixed, http-connect, socks5, sni, found str 'socks4'"),
+    ({"mode": "http-connect", "address": "a.example"}, "service 1: mode http-connect takes no 'address'"),
+    ({"mode": "socks5", "port": 443}, "service 1: mode socks5 takes no 'port'"),
+    ({"mode": "sni"}, "service 1: missing 'port'"),
+    ({"mode": "sni", "port": 443, "address": "a.example"}, "service 1: mode sni takes no 'address'"),
+    ({"mode": "fixed", "address": "127.0.0.1"}, "service 1: missing 'port'"),
+    ({"mode": "fixed", "address": "127.0.0.1", "port": None}, "service 1: missing 'port'"),
+    ({"mode": "sni", "port": 443, "verify_sni": True}, "verify_sni applies to modes http-connect and socks5 only"),
+    ({"mode": "socks5", "verify_sni": "yes"}, "verify_sni must be true or false, found str 'yes'"),
+    ({"mode": "socks5", "handshake_timeout": 0}, "handshake_timeout must be more than 0 seconds, got 0"),
+])
+def test_mode_mistakes_are_one_clear_line(entry, message):
+    with pytest.raises(ConfigError) as refused:
+        file_with({"listen_port": 8080, **entry})
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_handshake_timeout_comes_from_the_command_line_and_the_environment(run_cli, write_config, monkeypatch):
+    assert options_from(parse_arguments(["--handshake-timeout", "3"])).defaults.handshake_timeout == 3.0
+    monkeypatch.setenv("VSOCK_PROXY_HANDSHAKE_TIMEOUT", "4.5")
+    assert options_from(parse_arguments([])).defaults.handshake_timeout == 4.5
+    line = assert_one_line_error(run_cli("--handshake-timeout", "0", "--config", write_config([("127.0.0.1", 9000)]),
+                                         "8000", "127.0.0.1", "9000"), 2)
+    assert "handshake-timeout must be more than 0 seconds, got 0" in line

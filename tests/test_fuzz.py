@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import vsockproxy.cli as cli  # noqa: E402
+from tests.fuzzing import fuzz_settings, run_counted as run_counted_cases
 from vsockproxy.allowlist import NotAllowed  # noqa: E402
 from vsockproxy.config import (  # noqa: E402
     MAX_FILE_BYTES, MAX_VSOCK_PORT, ConfigError, FileConfig, load_file, parse_bind_address, parse_document, parse_yaml,
@@ -77,21 +78,9 @@ def test_fuzz_budget_is_at_least_10000_cases():
     print(f"fuzz budget: {FUZZ_TOTAL} generated cases per run: {FUZZ_CASES}")
 
 
-def fuzz_settings(name: str):
-    checks = [getattr(HealthCheck, n) for n in ("too_slow", "data_too_large", "filter_too_much",
-                                                "large_base_example") if hasattr(HealthCheck, n)]
-    return settings(max_examples=FUZZ_CASES[name], deadline=None, derandomize=True, database=None,
-                    suppress_health_check=checks, print_blob=False)
-
-
 def run_counted(name: str, inner) -> None:
-    """Run the @given function ``inner`` and check it really ran its share of the budget."""
-    CASES_RUN[name] = 0
-    started = time.monotonic()
-    inner()
-    elapsed = time.monotonic() - started
-    print(f"fuzz {name}: {CASES_RUN[name]} cases in {elapsed:.1f}s")
-    assert CASES_RUN[name] >= FUZZ_CASES[name], (name, CASES_RUN[name], FUZZ_CASES[name])
+    """Run the @given function ``inner``, check it ran its share of the budget and that no payload ran code."""
+    run_counted_cases(name, inner, FUZZ_CASES, CASES_RUN)
     assert not MARKER.exists(), "a YAML payload executed code"
 
 
@@ -381,7 +370,7 @@ DOCUMENTS = st.one_of(
 # --------------------------------------------------------------------------- fuzz: YAML loader
 
 def test_fuzz_yaml_random_bytes():
-    @fuzz_settings("yaml_random_bytes")
+    @fuzz_settings(FUZZ_CASES["yaml_random_bytes"])
     @given(st.binary(max_size=2000))
     @example(b"\xff\xfe\x00\x00")
     @example(b"allowlist: [\x80\x81]")
@@ -395,7 +384,7 @@ def test_fuzz_yaml_random_bytes():
 
 
 def test_fuzz_yaml_random_text():
-    @fuzz_settings("yaml_random_text")
+    @fuzz_settings(FUZZ_CASES["yaml_random_text"])
     @given(st.text(max_size=500))
     @example("\t")
     @example("\ud800")
@@ -407,7 +396,7 @@ def test_fuzz_yaml_random_text():
 
 
 def test_fuzz_yaml_token_soup():
-    @fuzz_settings("yaml_token_soup")
+    @fuzz_settings(FUZZ_CASES["yaml_token_soup"])
     @given(st.lists(st.one_of(st.sampled_from(YAML_TOKENS), st.text(max_size=5)), max_size=60), st.booleans())
     @example(["allowlist:", "\n", "- ", TAG_PAYLOADS[0]], False)
     @example(["allowlist:", " ", "&a ", "[", "*a", "]"], True)
@@ -423,7 +412,7 @@ def test_fuzz_yaml_token_soup():
 
 def test_fuzz_yaml_documents():
     """Random documents, checked as loaded objects and after a safe_dump/safe_load round trip."""
-    @fuzz_settings("yaml_documents")
+    @fuzz_settings(FUZZ_CASES["yaml_documents"])
     @given(DOCUMENTS)
     @example({"allowlist": [{"address": "kms.example", "port": True}]})
     @example({"allowlist": [{"address": "kms.example", "port": [443, 443.0]}]})
@@ -446,7 +435,7 @@ def test_fuzz_yaml_files():
     with tempfile.TemporaryDirectory(prefix="vsp-fuzz-") as directory:
         counter = iter(range(10 ** 9))
 
-        @fuzz_settings("yaml_files")
+        @fuzz_settings(FUZZ_CASES["yaml_files"])
         @given(st.one_of(st.binary(max_size=400),
                          st.lists(st.sampled_from(YAML_TOKENS), max_size=40).map(lambda t: "".join(t).encode()),
                          DOCUMENTS.map(lambda d: yaml.safe_dump(d).encode())))
@@ -633,7 +622,7 @@ def check_authorize(allowlist, entries, dns: GlibcLikeDNS, host: str, port: int,
 
 
 def test_fuzz_valid_allowlists_never_allow_more_than_written():
-    @fuzz_settings("yaml_valid_allowlists")
+    @fuzz_settings(FUZZ_CASES["yaml_valid_allowlists"])
     @given(st.data())
     def inner(data):
         draw = data.draw
@@ -1007,7 +996,7 @@ def test_fuzz_cli_argv_and_env():
                     text = text.replace(placeholder, path)
                 return text
 
-            @fuzz_settings("cli_argv_env")
+            @fuzz_settings(FUZZ_CASES["cli_argv_env"])
             @given(argv_lists(), ENVIRONMENTS, SETTINGS_FILES)
             @example(["1", "a.example", "443", "x\ny"], {}, "")
             @example(["--settings", "@SETTINGS_FILE@"], {}, "num_workers = 0")

@@ -25,23 +25,27 @@ MAY_IMPORT = {
     "check": {"allowlist", "config", "logs", "notify", "resolver", "supervisor"},
     "config": {"allowlist", "hostnames"},
     "loader": {"config"},
-    "supervisor": {"allowlist", "config", "listen", "loader", "metrics", "metrics_server", "notify", "resolver",
-                   "server"},
+    "supervisor": {"allowlist", "config", "handshake", "http_connect", "listen", "loader", "metrics",
+                   "metrics_server", "notify", "resolver", "server", "sni", "socks5"},
     "workers": {"allowlist", "config", "listen", "loader", "metrics", "metrics_server", "notify", "supervisor"},
     "allowlist": {"hostnames", "resolver"},
     "resolver": {"hostnames"},
     "hostnames": set(),
     "listen": set(),
-    "server": {"listen", "metrics", "pipe", "resolver"},
+    "server": {"handshake", "hostnames", "listen", "metrics", "pipe", "resolver", "routing"},
+    "routing": {"handshake", "hostnames", "sni"},
     "pipe": set(),
     "handshake": set(),
+    "sni": {"handshake", "hostnames"},
+    "socks5": {"handshake", "hostnames"},
+    "http_connect": {"handshake", "hostnames"},
     "metrics": {"pipe"},
     "metrics_server": {"hostnames", "listen"},
     "notify": set(),
     "logs": set(),
 }
 #: Modules that must not import gevent: they are plain data and checks.
-NO_GEVENT = {"config", "allowlist", "handshake", "hostnames", "logs", "notify", "__main__"}
+NO_GEVENT = {"__main__", "allowlist", "config", "handshake", "hostnames", "http_connect", "logs", "notify", "sni", "socks5"}
 
 
 def imports_of(module: str) -> set[str]:

@@ -538,3 +538,18 @@ def test_resolver_keeps_an_answer_for_its_dns_ttl(stub_dns, hosts_file, caplog):
     clock.now += 0.1
     resolver.resolve("v4.test", 443)
     assert dns_names.count("v4.test") == 2
+
+
+def test_the_cache_keeps_at_most_max_cached_answers_oldest_out_first(monkeypatch):
+    """Request-routed services resolve what enclaves ask for: the cache must not grow with the asking."""
+    import vsockproxy.resolver as resolver_module
+    monkeypatch.setattr(resolver_module, "MAX_CACHED", 3)
+    dns = FakeDNS({f"h{i}.example": ["192.0.2.1"] for i in range(5)})
+    resolver = Resolver(socket.AF_UNSPEC, 30.0, getaddrinfo=dns)
+    for i in range(5):
+        resolver.resolve(f"h{i}.example", 443)
+        resolver.resolve(f"192.0.2.{i}", 443)
+    assert len(resolver._cache) == 3
+    resolver.resolve("h4.example", 443)  # still cached
+    resolver.resolve("h0.example", 443)  # forgotten: asked again
+    assert dns.count("h4.example") == 1 and dns.count("h0.example") == 2

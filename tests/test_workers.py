@@ -428,6 +428,45 @@ def test_metrics_and_the_summary_are_totals_that_survive_a_worker_s_death(parent
     assert len([line for line in proxy.drain() if "summary: " in line]) == 1
 
 
+def connect_through(address, host: str, port: int) -> tuple[socket.socket, bytes]:
+    """A connection that has asked an http-connect service for host:port, and the status line it got."""
+    client = socket.create_connection(address, timeout=10)
+    client.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = client.recv(1)
+        assert chunk, head
+        head += chunk
+    return client, head.split(b"\r\n")[0]
+
+
+def test_request_routed_services_run_in_the_workers_and_their_requests_are_totalled(parent, echo_target, tmp_path):
+    metrics_address = ("127.0.0.1", unused_tcp_port())
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"allowlist:\n- {{address: 127.0.0.1, port: {echo_target.port}}}\n"
+                      "services:\n- {listen_port: 5005, mode: http-connect}\n")
+    proxy = parent(["--processes", "2", "-w", "2", "--metrics-address", "%s:%d" % metrics_address,
+                    "--config", str(config)])
+    address = proxy.address(5005)
+    proxy.wait_ready()
+    held = []
+    for _ in range(2):  # -w 2 is one each: both workers relay one
+        client, status = connect_through(address, "127.0.0.1", echo_target.port)
+        assert status == b"HTTP/1.1 200 Connection established"
+        client.sendall(b"hello")
+        assert recv_exactly(client, 5) == b"hello"
+        held.append(client)
+    for client in held:
+        client.close()
+    client, status = connect_through(address, "127.0.0.2", echo_target.port)
+    client.close()
+    assert status.startswith(b"HTTP/1.1 403 ")
+    label = 'vsockproxy_requests_total{allowed_by="%s",mode="http-connect",outcome="%s",service="5005"}'
+    wait_until(lambda: (lambda samples: samples.get(label % (f"127.0.0.1:{echo_target.port}", "connected")) == 2.0
+                        and samples.get(label % ("", "not-allowed")) == 1.0)(scrape(metrics_address)),
+               10, "the requests of both workers in the totals")
+
+
 @pytest.fixture
 def notify_socket():
     directory = tempfile.mkdtemp(prefix="vsp-", dir="/tmp")  # short: sun_path is 108 bytes

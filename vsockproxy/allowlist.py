@@ -89,8 +89,13 @@ class Allowlist:
     rules: tuple[Rule, ...]
     source: str
 
-    def authorize(self, host: str, port: int, resolver: Resolver) -> Target:
-        """The allowed Target for ``host:port``, or NotAllowed saying why not."""
+    def authorize(self, host: str, port: int, resolver: Resolver, by_address: bool = True) -> Target:
+        """The allowed Target for ``host:port``, or NotAllowed saying why not.
+
+        ``by_address=False`` refuses a name that no entry names without looking it up:
+        a request from an enclave must not make the parent send DNS queries for names
+        of its choosing (a channel out of the enclave).
+        """
         try:
             canonical = canonical_host(host)
         except HostError as exc:
@@ -106,6 +111,8 @@ class Allowlist:
         for rule in candidates:
             if rule.names(canonical):
                 return Target(canonical, port, rule)
+        if not by_address:
+            raise NotAllowed(f"{host_port(canonical, port)} is not in the allowlist {self.source}")
         try:
             endpoints = resolver.resolve(canonical, port)
         except ResolveError as exc:

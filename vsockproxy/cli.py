@@ -25,8 +25,8 @@ import gevent
 from vsockproxy import __version__
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.check import run_check
-from vsockproxy.config import (CONNECT_TIMEOUT, DEFAULT_PATH, IDLE_TIMEOUT, NUM_WORKERS, PROCESSES, TCP_PORT,
-                               VSOCK_PORT, ConfigError, Defaults, Options, Seconds, ServiceEntry, WholeNumber,
+from vsockproxy.config import (CONNECT_TIMEOUT, DEFAULT_PATH, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, NUM_WORKERS, PROCESSES,
+                               TCP_PORT, VSOCK_PORT, ConfigError, Defaults, Options, Seconds, ServiceEntry, WholeNumber,
                                parse_bind_address)
 from vsockproxy.listen import VMADDR_CID_ANY, ListenError, vsock_listener
 from vsockproxy.logs import configure_logging, one_line
@@ -180,6 +180,11 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--idle-timeout", metavar="SECONDS", type=_option(IDLE_TIMEOUT, "idle-timeout"), default=Defaults.idle_timeout,
                         env_var="VSOCK_PROXY_IDLE_TIMEOUT",
                         help="close a connection after this long with no bytes either way; 0 = never (default: 0)")
+    parser.add_argument("--handshake-timeout", metavar="SECONDS",
+                        type=_option(HANDSHAKE_TIMEOUT, "handshake-timeout"), default=Defaults.handshake_timeout,
+                        env_var="VSOCK_PROXY_HANDSHAKE_TIMEOUT",
+                        help="services in modes http-connect, socks5 and sni: the time a connection has to "
+                             "send its request (default: 10)")
     parser.add_argument("--metrics-address", metavar="HOST:PORT", type=_bind_address, env_var="VSOCK_PROXY_METRICS_ADDRESS",
                         help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower, env_var="VSOCK_PROXY_LOG_LEVEL",
@@ -202,6 +207,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     arguments, leftovers = parser.parse_known_args(argv)
     _take_late_positionals(parser, arguments, leftovers)
+    for action in parser._actions:
+        # argparse drops a value of exactly "--" (--backlog=--, or VSOCK_PROXY_BACKLOG=--) and stores an empty list
+        if action.nargs is None and action.option_strings and getattr(arguments, action.dest, None) == []:
+            parser.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
     missing = [name.upper() for name in ("local_port", "remote_addr", "remote_port")
                if getattr(arguments, name) is None]
     if missing and arguments.local_port is not None:
@@ -221,7 +230,8 @@ def options_from(arguments: argparse.Namespace) -> Options:
     return Options(
         config_path=arguments.config,
         command_line_service=command_line_service,
-        defaults=Defaults(arguments.num_workers, family, arguments.connect_timeout, arguments.idle_timeout),
+        defaults=Defaults(arguments.num_workers, family, arguments.connect_timeout, arguments.idle_timeout,
+                          arguments.handshake_timeout),
         dns_ttl=arguments.dns_ttl,
         shutdown_grace=arguments.shutdown_grace,
         metrics_address=arguments.metrics_address,

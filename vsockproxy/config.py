@@ -103,6 +103,13 @@ NUM_WORKERS = WholeNumber(1, 1_000_000)
 PROCESSES = WholeNumber(1, 1024)
 CONNECT_TIMEOUT = Seconds(zero_ok=False)
 IDLE_TIMEOUT = Seconds(zero_ok=True)
+HANDSHAKE_TIMEOUT = Seconds(zero_ok=False)
+
+#: How a service finds its target: ``fixed`` from its own address and port (upstream's only way),
+#: the others from each connection's first bytes (see handshake.py), checked against the allowlist.
+FIXED = "fixed"
+ROUTED_MODES = ("http-connect", "socks5", "sni")
+MODES = (FIXED, *ROUTED_MODES)
 
 
 def parse_bind_address(text: str) -> tuple[str, int]:
@@ -122,15 +129,18 @@ class ServiceEntry:
     """One service as the file (or the command line) gives it; None takes the command line's default."""
 
     listen_port: int
-    address: str
-    port: int
+    address: str | None        # None in the request-routed modes
+    port: int | None           # None in modes http-connect and socks5
     num_workers: int | None = None
     family: int | None = None  # AF_INET for ``ipv4: true``, AF_INET6 for ``ipv6: true``
     connect_timeout: float | None = None
     idle_timeout: float | None = None
+    mode: str = FIXED
+    verify_sni: bool = False
+    handshake_timeout: float | None = None
 
     def __str__(self) -> str:
-        return f"vsock port {self.listen_port} -> {host_port(self.address, self.port)}"
+        return _describe(self.listen_port, self.mode, self.address, self.port)
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,7 @@ class Defaults:
     family: int = socket.AF_UNSPEC
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0
+    handshake_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -171,15 +182,24 @@ class Service:
     """One service as it runs: every setting decided."""
 
     listen_port: int
-    address: str
-    port: int
+    address: str | None
+    port: int | None
     num_workers: int
     family: int
     connect_timeout: float
     idle_timeout: float
+    mode: str = FIXED
+    verify_sni: bool = False
+    handshake_timeout: float = 10.0
 
     def __str__(self) -> str:
-        return f"vsock port {self.listen_port} -> {host_port(self.address, self.port)}"
+        return _describe(self.listen_port, self.mode, self.address, self.port)
+
+
+def _describe(listen_port: int, mode: str, address: str | None, port: int | None) -> str:
+    if mode == FIXED:
+        return f"vsock port {listen_port} -> {host_port(address, port)}"
+    return f"vsock port {listen_port} ({mode}{'' if port is None else f', port {port}'})"
 
 
 @dataclass(frozen=True)
@@ -213,7 +233,9 @@ def _decide(entry: ServiceEntry, defaults: Defaults) -> Service:
                    num_workers=either(entry.num_workers, defaults.num_workers),
                    family=either(entry.family, defaults.family),
                    connect_timeout=either(entry.connect_timeout, defaults.connect_timeout),
-                   idle_timeout=either(entry.idle_timeout, defaults.idle_timeout))
+                   idle_timeout=either(entry.idle_timeout, defaults.idle_timeout),
+                   mode=entry.mode, verify_sni=entry.verify_sni,
+                   handshake_timeout=either(entry.handshake_timeout, defaults.handshake_timeout))
 
 
 def _family(ipv4: bool, ipv6: bool) -> int | None:
@@ -366,8 +388,11 @@ def parse_document(document: Any, source: str) -> FileConfig:
     return FileConfig(allowlist, service_entries)
 
 
-_SERVICE_KEYS = ("listen_port", "address", "port", "num_workers", "ipv4", "ipv6", "connect_timeout",
-                 "idle_timeout")
+_SERVICE_KEYS = ("listen_port", "mode", "address", "port", "num_workers", "ipv4", "ipv6", "connect_timeout",
+                 "idle_timeout", "handshake_timeout", "verify_sni")
+#: Which of address and port each mode takes: True required, False refused.
+_TARGET_KEYS = {FIXED: {"address": True, "port": True}, "http-connect": {"address": False, "port": False},
+                "socks5": {"address": False, "port": False}, "sni": {"address": False, "port": True}}
 
 
 def _parse_service(entry: Any, where: str) -> ServiceEntry:
@@ -376,11 +401,23 @@ def _parse_service(entry: Any, where: str) -> ServiceEntry:
     unknown = [key for key in entry if key not in _SERVICE_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key {short_repr(unknown[0])}; expected {', '.join(_SERVICE_KEYS)}")
-    for key in ("listen_port", "address", "port"):
-        if key not in entry:
+    mode = entry.get("mode", FIXED)
+    if mode not in MODES:
+        raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)}, found {_kind(mode)}")
+    if "listen_port" not in entry:
+        raise ConfigError(f"{where}: missing 'listen_port'")
+    for key, required in _TARGET_KEYS[mode].items():
+        if required and entry.get(key) is None:
             raise ConfigError(f"{where}: missing '{key}'")
-    if not isinstance(entry["address"], str):
+        if not required and key in entry:
+            raise ConfigError(f"{where}: mode {mode} takes no '{key}': "
+                              f"{'each request names its target' if key == 'address' else 'each request names its port'}")
+    if "address" in entry and not isinstance(entry["address"], str):
         raise ConfigError(f"{where}: address must be a string, found {_kind(entry['address'])}")
+    if not isinstance(entry.get("verify_sni", False), bool):
+        raise ConfigError(f"{where}: verify_sni must be true or false, found {_kind(entry['verify_sni'])}")
+    if entry.get("verify_sni") and mode not in ("http-connect", "socks5"):
+        raise ConfigError(f"{where}: verify_sni applies to modes http-connect and socks5 only")
     for key in ("ipv4", "ipv6"):
         if not isinstance(entry.get(key, False), bool):
             raise ConfigError(f"{where}: {key} must be true or false, found {_kind(entry[key])}")
@@ -392,12 +429,15 @@ def _parse_service(entry: Any, where: str) -> ServiceEntry:
 
     return ServiceEntry(
         listen_port=_yaml_integer(entry["listen_port"], VSOCK_PORT, f"{where}: listen_port"),
-        address=entry["address"],
-        port=_yaml_integer(entry["port"], TCP_PORT, f"{where}: port"),
+        address=entry.get("address"),
+        port=optional("port", lambda v, w: _yaml_integer(v, TCP_PORT, w)),
         num_workers=optional("num_workers", lambda v, w: _yaml_integer(v, NUM_WORKERS, w)),
         family=_family(entry.get("ipv4", False), entry.get("ipv6", False)),
         connect_timeout=optional("connect_timeout", lambda v, w: _yaml_seconds(v, CONNECT_TIMEOUT, w)),
         idle_timeout=optional("idle_timeout", lambda v, w: _yaml_seconds(v, IDLE_TIMEOUT, w)),
+        mode=mode,
+        verify_sni=entry.get("verify_sni", False),
+        handshake_timeout=optional("handshake_timeout", lambda v, w: _yaml_seconds(v, HANDSHAKE_TIMEOUT, w)),
     )
 
 

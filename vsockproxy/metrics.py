@@ -85,6 +85,13 @@ class Metrics:
         yield moved
         yield counter("dns_lookups", "DNS look-ups made (cache misses).", lambda s: s.dns_lookups)
         yield counter("dns_failures", "DNS look-ups that failed.", lambda s: s.dns_failures)
+        requests = CounterMetricFamily(
+            "vsockproxy_requests", "Requests of request-routed services, by mode, outcome and the allowlist entry "
+            "that admitted them (empty when none did).", labels=["service", "mode", "outcome", "allowed_by"])
+        for service in services:
+            for (mode, outcome, allowed_by), count in service.requests.items():
+                requests.add_metric([service.name, mode, outcome, allowed_by], count, created=service.created)
+        yield requests
         yield counter("pool_full", "Times every worker was busy and accepting paused.", lambda s: s.pool_full)
         yield counter("pool_full_seconds", "Time accepting was paused with every worker busy.",
                       lambda s: s.pool_full_seconds())
@@ -112,6 +119,8 @@ class ServiceMetrics:
         self.accepted = 0
         self.completed = 0
         self.failures: dict[str, int] = {}
+        # (mode, outcome, allowlist entry): bounded by the file and the fixed outcome labels, never by request text
+        self.requests: dict[tuple[str, str, str], int] = {}
         self.dns_lookups = 0
         self.dns_failures = 0
         self.pool_full = 0
@@ -147,6 +156,10 @@ class ServiceMetrics:
             self._closed_down += down.bytes
         if self.done and self._drop is not None:
             self._drop(self)
+
+    def request(self, mode: str, outcome: str, allowed_by: str) -> None:
+        key = (mode, outcome, allowed_by)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def bytes_moved(self) -> tuple[int, int]:
         """Bytes written each way, enclave to target and back: closed connections' and open ones' so far."""

@@ -34,6 +34,8 @@ log = logging.getLogger("vsockproxy")
 FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 #: An answer is reused for at least this long, whatever its TTL, so TTL 0 is one look-up a second at most.
 MIN_REUSE = 1.0
+#: Answers kept per resolver (per service); the oldest goes first.
+MAX_CACHED = 4096
 #: How long one TTL query (one record type) may take before the answer is just kept for --dns-ttl.
 TTL_QUERY_LIFETIME = 5.0
 HOSTS_FILE = "/etc/hosts"
@@ -163,7 +165,7 @@ class Resolver:
         literal = parse_ip(host)
         if literal is not None:  # an address never expires; keeping it spares the parsing
             endpoints = [self._literal_endpoint(literal, port)]
-            self._cache[key] = (float("inf"), endpoints)
+            self._remember(key, (float("inf"), endpoints))
             return endpoints
         pending = self._pending.get(key)
         if pending is not None:
@@ -181,13 +183,23 @@ class Resolver:
             pending.set(endpoints)
             if self.ttl > 0:
                 answered = self._clock()
-                entry = self._cache[key] = (answered + self.ttl, endpoints)
+                entry = (answered + self.ttl, endpoints)
+                self._remember(key, entry)
                 if self._record_ttl is not None and key not in self._ttl_queries:
                     self._ttl_queries.add(key)
                     gevent.spawn(self._expire_with_record_ttl, key, entry, answered)
             return endpoints
         finally:
             del self._pending[key]
+
+    def _remember(self, key: tuple[str, int], entry: tuple[float, list[Endpoint]]) -> None:
+        """Cache an answer, forgetting the oldest one beyond MAX_CACHED: request-routed services
+        resolve whatever names their enclaves ask for, so the cache must not grow with them."""
+        cache = self._cache
+        cache.pop(key, None)  # re-inserted last: the order is the order of answers
+        if len(cache) >= MAX_CACHED:
+            del cache[next(iter(cache))]
+        cache[key] = entry
 
     def _expire_with_record_ttl(self, key: tuple[str, int], entry: tuple[float, list[Endpoint]],
                                 answered: float) -> None:

@@ -22,10 +22,14 @@ import gevent
 import gevent.socket
 from gevent.pool import Pool
 
+from vsockproxy.handshake import CONNECTED, NOT_ALLOWED, REFUSED, TIMED_OUT, UNREACHABLE, Parser, Refusal
+from vsockproxy.hostnames import host_port
 from vsockproxy.listen import AcceptingServer, accept_batch, describe_peer
 from vsockproxy.metrics import ServiceMetrics
 from vsockproxy.pipe import Flow, PeerError, pipe
 from vsockproxy.resolver import Endpoint, ResolveError
+from vsockproxy.routing import (HandshakeTimeout, answer, answer_and_close, client_hello_check, read_request,
+                                send_all)
 
 log = logging.getLogger("vsockproxy")
 
@@ -34,21 +38,54 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @dataclass(frozen=True)
+class Admission:
+    """A requested target that the allowlist admits: its name, the entry that admitted it, its addresses now."""
+
+    target: str                                 # host:port
+    allowed_by: str                             # the allowlist entry, as the file spells it
+    endpoints: Callable[[], list[Endpoint]]     # raises ResolveError
+
+
+class NotAdmitted(Exception):
+    """The allowlist does not admit a requested target; the message says why."""
+
+
+@dataclass(frozen=True)
 class Route:
     """Where a service's new connections go and how; a reload swaps in a new one whole.
 
     Each connection reads the route once, so established connections keep the
-    route they started with.
+    route they started with.  A fixed route names its target; a request-routed
+    one reads it from each connection with a fresh ``parser()`` and asks ``admit``.
     """
 
-    target: str                                 # host:port, as the log names it
-    endpoints: Callable[[], list[Endpoint]]     # the allowed addresses to try now; raises ResolveError
+    target: str                                 # host:port (or the mode), as the log names it
+    endpoints: Callable[[], list[Endpoint]] | None  # a fixed target's addresses now; raises ResolveError
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0
+    mode: str = "fixed"
+    parser: Callable[[], Parser] | None = None  # None: the fixed target
+    admit: Callable[[str, int], Admission] | None = None  # raises NotAdmitted
+    handshake_timeout: float = 10.0
+    verify_sni: bool = False
 
 
 class ConnectError(Exception):
     """No allowed address of the target accepted a connection."""
+
+    def __init__(self, message: str, outcome: str = UNREACHABLE) -> None:
+        super().__init__(message)
+        self.outcome = outcome  # what a request-routed client is told: refused, timed-out or unreachable
+
+
+class Refused(Exception):
+    """A connection that will not be relayed: counted, and logged with this message (a request was answered)."""
+
+    def __init__(self, message: str, failure: str, outcome: str, allowed_by: str = "") -> None:
+        super().__init__(message)
+        self.failure = failure          # the connections_failed reason
+        self.outcome = outcome          # the requests outcome
+        self.allowed_by = allowed_by    # the admitting entry, if the allowlist got to say
 
 
 class VsockProxyServer(AcceptingServer):
@@ -75,24 +112,33 @@ class VsockProxyServer(AcceptingServer):
         metrics = self.metrics
         metrics.opened()
         try:
-            upstream, endpoint = _connect(route)
-        except ResolveError as exc:
-            log.warning("refused enclave=%s target=%s: %s", peer, route.target, exc)
-            metrics.closed("dns")
-            return
-        except ConnectError as exc:
-            log.warning("refused enclave=%s target=%s: %s", peer, route.target, exc)
-            metrics.closed("connect")
+            if route.parser is None:
+                upstream, endpoint = _connect_fixed(route)
+                names, sent = f"enclave={peer} target={endpoint}", 0
+            else:
+                upstream, names, sent = self._open_requested(enclave, peer, route, started)
+        except Refused as exc:
+            log.warning("refused enclave=%s %s: %s", peer, _subject(route), exc)
+            if route.parser is not None:
+                metrics.request(route.mode, exc.outcome, exc.allowed_by)
+            metrics.closed(exc.failure)
             return
         except BaseException as exc:
             metrics.closed("shutdown" if isinstance(exc, gevent.GreenletExit) else "internal-error")
             if not isinstance(exc, Exception):
                 raise
             # A bug must cost one connection, never the server.
-            log.error("refused enclave=%s target=%s: internal error: %r", peer, route.target, exc)
+            log.error("refused enclave=%s %s: internal error: %r", peer, _subject(route), exc)
             return
+        self._relay(enclave, upstream, route, names, started, sent)
+
+    def _relay(self, enclave: socket.socket, upstream: socket.socket, route: Route, names: str,
+               started: float, up_bytes: int = 0) -> None:
+        """Relay until both directions end, then close the target and log the connection's one line."""
         up = Flow(enclave, "enclave", upstream, "target")
+        up.bytes = up_bytes  # what already went to the target: a request's early data
         down = Flow(upstream, "target", enclave, "enclave")
+        metrics = self.metrics
         metrics.relaying(up, down)
         ending = "shutdown"
         try:
@@ -103,8 +149,62 @@ class VsockProxyServer(AcceptingServer):
                 _reset_on_close(upstream)
             upstream.close()
             metrics.closed(None if ending == "eof" else ending.split("(")[0], up, down)
-            log.info("closed enclave=%s target=%s up=%d down=%d duration=%.3fs end=%s",
-                     peer, endpoint, up.bytes, down.bytes, time.monotonic() - started, ending)
+            log.info("closed %s up=%d down=%d duration=%.3fs end=%s",
+                     names, up.bytes, down.bytes, time.monotonic() - started, ending)
+
+    def _open_requested(self, enclave: socket.socket, peer: str, route: Route, started: float
+                        ) -> tuple[socket.socket, str, int]:
+        """Read the request and connect where it asks, if the allowlist admits it; raises Refused.
+
+        Returns the target's socket, the connection's names for its log line, and
+        how many bytes went to the target already.
+        """
+        parser = route.parser()
+        deadline = started + route.handshake_timeout
+        outcome = read_request(enclave, parser, deadline)
+        if isinstance(outcome, Refusal):
+            answer_and_close(enclave, outcome.reply, deadline)
+            raise Refused(f"bad request: {outcome.reason}", "handshake", outcome.outcome)
+        requested = host_port(outcome.host, outcome.port)
+        try:
+            admission = route.admit(outcome.host, outcome.port)
+        except NotAdmitted as exc:
+            answer_and_close(enclave, parser.reply(NOT_ALLOWED), deadline)
+            raise Refused(f"request={requested}: {exc}", "not-allowed", NOT_ALLOWED) from None
+        try:
+            upstream, endpoint = _connect(admission.endpoints, route.connect_timeout)
+        except ResolveError as exc:
+            answer_and_close(enclave, parser.reply(UNREACHABLE), deadline + route.connect_timeout)
+            raise Refused(f"request={requested}: {exc}", "dns", UNREACHABLE, admission.allowed_by) from None
+        except ConnectError as exc:
+            answer_and_close(enclave, parser.reply(exc.outcome), deadline + route.connect_timeout)
+            raise Refused(f"request={requested}: {exc}", "connect", exc.outcome, admission.allowed_by) from None
+        try:
+            early_data = outcome.early_data
+            # The enclave has its answer at once; the ClientHello check gets a fresh handshake timeout.
+            if answer(enclave, parser.reply(CONNECTED), time.monotonic() + route.handshake_timeout) \
+                    and route.verify_sni:
+                refusal, early_data = client_hello_check(enclave, outcome.host, early_data,
+                                                         time.monotonic() + route.handshake_timeout)
+                if refusal is not None:
+                    _reset_on_close(upstream)
+                    raise Refused(f"request={requested}: verify_sni: {refusal}", "handshake", "sni-mismatch",
+                                  admission.allowed_by)
+            if early_data:
+                try:
+                    send_all(upstream, early_data, time.monotonic() + route.connect_timeout)
+                except (OSError, HandshakeTimeout) as exc:
+                    _reset_on_close(upstream)
+                    raise Refused(f"request={requested}: the target did not take the request's first bytes: "
+                                  f"{getattr(exc, 'strerror', None) or 'timed out'}", "target-error",
+                                  "target-error", admission.allowed_by) from None
+        except BaseException:
+            upstream.close()
+            raise
+        self.metrics.request(route.mode, CONNECTED, admission.allowed_by)
+        names = (f"enclave={peer} mode={route.mode} request={requested} allowed_by={admission.allowed_by} "
+                 f"target={endpoint}")
+        return upstream, names, len(early_data)
 
     @property
     def num_workers(self) -> int:
@@ -169,27 +269,44 @@ class VsockProxyServer(AcceptingServer):
         return enclave, address
 
 
-def _connect(route: Route) -> tuple[socket.socket, Endpoint]:
+def _subject(route: Route) -> str:
+    """What a refused connection asked for, as its log line names it."""
+    return f"target={route.target}" if route.parser is None else f"mode={route.mode}"
+
+
+def _connect_fixed(route: Route) -> tuple[socket.socket, Endpoint]:
+    """Connect to a fixed route's target; raises Refused."""
+    try:
+        return _connect(route.endpoints, route.connect_timeout)
+    except ResolveError as exc:
+        raise Refused(str(exc), "dns", UNREACHABLE) from None
+    except ConnectError as exc:
+        raise Refused(str(exc), "connect", exc.outcome) from None
+
+
+def _connect(endpoints: Callable[[], list[Endpoint]], timeout: float) -> tuple[socket.socket, Endpoint]:
     """Try each allowed address in turn; the first that accepts wins."""
     failures = []
-    for endpoint in route.endpoints():
+    outcomes = set()
+    for endpoint in endpoints():
         try:
             # Non-blocking from birth (what the pipes want): one system call fewer than setblocking().
             upstream = socket.socket(endpoint.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # out of fds or memory: this connection fails, the server does not
             raise ConnectError(f"cannot open a socket: {exc.strerror}") from None
         try:
-            _connect_within(upstream, endpoint.sockaddr, route.connect_timeout)
+            _connect_within(upstream, endpoint.sockaddr, timeout)
         except OSError as exc:
             upstream.close()
-            reason = "timed out" if isinstance(exc, socket.timeout) else exc.strerror or str(exc)
-            failures.append(f"{endpoint}: {reason}")
+            timed_out = isinstance(exc, socket.timeout)
+            outcomes.add(TIMED_OUT if timed_out else REFUSED if exc.errno == errno.ECONNREFUSED else UNREACHABLE)
+            failures.append(f"{endpoint}: {'timed out' if timed_out else exc.strerror or str(exc)}")
             continue
         except BaseException:  # killed while connecting: the socket must not outlive its greenlet
             upstream.close()
             raise
         return upstream, endpoint
-    raise ConnectError("; ".join(failures))
+    raise ConnectError("; ".join(failures), outcomes.pop() if len(outcomes) == 1 else UNREACHABLE)
 
 
 def _connect_within(upstream: socket.socket, address: tuple, timeout: float) -> None:

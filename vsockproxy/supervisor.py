@@ -22,15 +22,20 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from vsockproxy.allowlist import NotAllowed, Target
-from vsockproxy.config import ConfigError, FileConfig, Options, Service, configure, load_file, parse_bind_address
+from vsockproxy.allowlist import Allowlist, NotAllowed, Target
+from vsockproxy.config import (FIXED, ConfigError, FileConfig, Options, Service, configure, load_file,
+                               parse_bind_address)
+from vsockproxy.handshake import Parser
+from vsockproxy.http_connect import HttpConnectParser
 from vsockproxy.listen import Listen, ListenError
 from vsockproxy.loader import load_file_in_child
 from vsockproxy.metrics import Metrics, ServiceMetrics
 from vsockproxy.metrics_server import MetricsServer, metrics_listener
 from vsockproxy.notify import Notifier
 from vsockproxy.resolver import Resolver
-from vsockproxy.server import Route, VsockProxyServer
+from vsockproxy.server import Admission, NotAdmitted, Route, VsockProxyServer
+from vsockproxy.sni import SniParser
+from vsockproxy.socks5 import Socks5Parser
 
 log = logging.getLogger("vsockproxy")
 
@@ -48,12 +53,17 @@ class StartupError(Exception):
 
 @dataclass(frozen=True)
 class Authorized:
-    """A service the allowlist allows: its settings, its target, and the route its connections take."""
+    """A service the allowlist allows: its settings, its target (None when each request names one), its route."""
 
     service: Service
-    target: Target
+    target: Target | None
     resolver: Resolver
     route: Route
+
+    def __str__(self) -> str:
+        if self.target is None:
+            return f"what each {self.service.mode} request names and the allowlist admits"
+        return f"{self.target} (allowed by {self.target.allowed_by})"
 
 
 class Supervisor:
@@ -89,6 +99,10 @@ class Supervisor:
         authorized = {}
         for service in config.services:
             resolver = self._resolver_for(service)
+            if service.mode != FIXED:
+                authorized[service.listen_port] = Authorized(service, None, resolver,
+                                                             _request_route(service, config.allowlist, resolver))
+                continue
             try:
                 target = config.allowlist.authorize(service.address, service.port, resolver)
             except NotAllowed as exc:
@@ -199,11 +213,11 @@ class Supervisor:
             server.route = new.route
             server.resize(new.service.num_workers)
             if (new.service, new.target) != (old.service, old.target):
-                log.info("reload: vsock port %d now forwards to %s", port, new.target)
+                log.info("reload: vsock port %d now forwards to %s", port, new)
         for port, server in added.items():
             server.start()
             self.servers[port] = server
-            log.info("reload: listening on vsock port %d, forwarding to %s", port, authorized[port].target)
+            log.info("reload: listening on vsock port %d, forwarding to %s", port, authorized[port])
         self._authorized = authorized
         self._retiring = [server for server in self._retiring if server.active_connections]
         self.metrics.serving(str(port) for port in self.servers)
@@ -321,8 +335,8 @@ class Supervisor:
 
 
 def log_listening(port: int, authorized: Authorized) -> None:
-    log.info("listening on vsock port %d, forwarding to %s (allowed by %s), %d worker(s)",
-             port, authorized.target, authorized.target.allowed_by, authorized.service.num_workers)
+    log.info("listening on vsock port %d, forwarding to %s, %d worker(s)", port, authorized,
+             authorized.service.num_workers)
 
 
 def summary_of(services: Iterable[tuple[int, str, ServiceMetrics]]) -> str:
@@ -332,6 +346,29 @@ def summary_of(services: Iterable[tuple[int, str, ServiceMetrics]]) -> str:
         counts = " ".join(f"{key}={value}" for key, value in metrics.snapshot().items())
         parts.append(f"port {port}->{target}: {counts}")
     return "summary: " + ("; ".join(parts) or "no services")
+
+
+#: The request reader of each request-routed mode; a fresh one per connection.
+_PARSERS: dict[str, Callable[[Service], Callable[[], Parser]]] = {
+    "http-connect": lambda service: HttpConnectParser,
+    "socks5": lambda service: Socks5Parser,
+    "sni": lambda service: partial(SniParser, service.port),
+}
+
+
+def _request_route(service: Service, allowlist: Allowlist, resolver: Resolver) -> Route:
+    """The route of a service whose connections each name their target, judged by ``allowlist``."""
+
+    def admit(host: str, port: int) -> Admission:
+        try:
+            target = allowlist.authorize(host, port, resolver, by_address=False)
+        except NotAllowed as exc:
+            raise NotAdmitted(str(exc)) from None
+        return Admission(str(target), str(target.allowed_by), partial(target.endpoints, resolver))
+
+    return Route(service.mode, None, service.connect_timeout, service.idle_timeout, mode=service.mode,
+                 parser=_PARSERS[service.mode](service), admit=admit,
+                 handshake_timeout=service.handshake_timeout, verify_sni=service.verify_sni)
 
 
 def _connections_waiting(listener: socket.socket) -> bool:

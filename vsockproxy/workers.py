@@ -237,9 +237,9 @@ class Workers:
         for port in sorted(set(old.authorized) & set(generation.authorized)):
             new, before = generation.authorized[port], old.authorized[port]
             if (new.service, new.target) != (before.service, before.target):
-                log.info("reload: vsock port %d now forwards to %s", port, new.target)
+                log.info("reload: vsock port %d now forwards to %s", port, new)
         for port in sorted(added):
-            log.info("reload: listening on vsock port %d, forwarding to %s", port, generation.authorized[port].target)
+            log.info("reload: listening on vsock port %d, forwarding to %s", port, generation.authorized[port])
         log.info("reload applied: %d service(s)", len(generation.authorized))
         return True
 
@@ -405,7 +405,7 @@ class Workers:
         if self._current is None:
             return summary_of(())
         totals = self.totals()
-        return summary_of((port, str(authorized.target), totals.service(str(port)))
+        return summary_of((port, authorized.route.target, totals.service(str(port)))
                           for port, authorized in self._current.authorized.items())
 
     def _log_summary(self) -> None:

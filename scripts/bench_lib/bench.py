@@ -21,12 +21,22 @@ gevent.  Sizes: the issue's on the host, smaller under the VM's emulated CPU (se
 Exit status: 0 when every run completed (whatever the figures), 1 when some run could not be
 made (a proxy did not start or died: see "problems"), 2 for usage errors.
 
+Request-routed scenarios (issue 13): connect-churn is churn with an HTTP CONNECT handshake first on
+every connection (CONNECT target, expect "HTTP/1.1 200", then the echo).  Only proxies with a
+template for the scenario's mode run it (ROUTED_TEMPLATES: vsockproxy with a service of
+"mode: http-connect", and any --proxy-cmd NAME@http-connect=TEMPLATE); the others are listed as
+skipped ("no CONNECT").  Its table compares each
+proxy with its own churn figures of the same run (x churn), and the line under it gives the
+handshake's cost per connection.
+
 A proxy is a command template, split like a shell line, with these placeholders:
   {listen}        the socat address to listen on: TCP4-LISTEN:PORT,bind=127.0.0.1 on host,
                   VSOCK-LISTEN:PORT in the VM (so one template serves both transports)
   {listen_port}   the port alone;  {listen_addr}  tcp:127.0.0.1:PORT or vsock:any:PORT
   {target}        HOST:PORT of the target server;  {target_host}, {target_port}
   {allowlist}     a vsock-proxy allowlist YAML file allowing exactly the target
+  {routed_config} (request-routed scenarios) that allowlist plus one service listening on
+                  {listen_port} with the scenario's mode: services: [{listen_port: P, mode: M}]
   {workers}       the scenario's -w (100 for issue413, enough for every connection elsewhere)
   {backlog}       listen backlog to ask for (4096)
   {python}, {repo}, {transport}
@@ -84,6 +94,14 @@ TEMPLATES = {
     "vsockproxy": "{python} {repo}/scripts/bench_lib/run_vsockproxy.py {listen} {target_host} {target_port} "
                   "--config {allowlist} -w {workers} --backlog {backlog}",
 }
+#: The proxies that speak a request-routed mode, by mode: their templates for the scenarios of that mode.
+#: The service (port and mode) comes from {routed_config}, so the command line names no target.
+ROUTED_TEMPLATES = {
+    "http-connect": {
+        "vsockproxy": "{python} {repo}/scripts/bench_lib/run_vsockproxy.py --file-services {listen} "
+                      "--config {routed_config} -w {workers} --backlog {backlog}",
+    },
+}
 
 # Sizes of the full run (the issue's), of --smoke (seconds in all), and of the VM, whose
 # emulated CPU is far slower.  --set KEY=VALUE overrides any of them.
@@ -134,6 +152,19 @@ class Scenario:
     workers: Callable[[dict], int]
     run: Callable[..., dict]
     fresh_proxy: bool = False  # a new proxy process per repetition (peak RSS must be this run's)
+    # Request-routed scenarios: the service's mode (ROUTED_TEMPLATES), what a proxy without it lacks
+    # (its row is skipped), the (preamble, expected reply prefix) of each connection for a target
+    # HOST, PORT, and the scenario whose figures, same proxy and run, each figure is compared with.
+    mode: str | None = None
+    lacks: str = "only a --proxy-cmd NAME@MODE template"
+    handshake: Callable[[str, int], tuple[bytes, bytes]] | None = None
+    baseline: str | None = None
+
+
+def http_connect(host: str, port: int) -> tuple[bytes, bytes]:
+    """An HTTP CONNECT request for ``host:port``, and the start of the reply that lets it through."""
+    authority = f"{host}:{port}"
+    return f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode(), b"HTTP/1.1 200"
 
 
 def _bulk_time_limit(mib: float) -> float:
@@ -189,6 +220,15 @@ SCENARIOS = [
              lambda p: max(100, p["churn_clients"] * 2),
              lambda addr, p, hold, gen: gen.churn(addr, clients=p["churn_clients"], duration=p["churn_seconds"],
                                               size=p["churn_bytes"], max_connections=10_000_000)),
+    Scenario("connect-churn", "echo",
+             (Metric("conns_per_s", "conn/s", False), Metric("p99_ms", "p99 ms", False, "lower")),
+             lambda p: f"churn with an HTTP CONNECT handshake first: {p['churn_clients']} clients x (connect, "
+                       f"CONNECT, 200, {p['churn_bytes']} B echo, close) for {p['churn_seconds']:g} s",
+             lambda p: max(100, p["churn_clients"] * 2),
+             lambda addr, p, hold, gen: gen.churn(addr, clients=p["churn_clients"], duration=p["churn_seconds"],
+                                              size=p["churn_bytes"], max_connections=10_000_000,
+                                              preamble=p["preamble"], expect=p["expect"]),
+             mode="http-connect", lacks="no CONNECT", handshake=http_connect, baseline="churn"),
     Scenario("concurrency", "echo",
              (Metric("held", "held", False), Metric("connect_s", "open s", False, "lower"),
               Metric("peak_rss_mib", "VmHWM MiB", False, "lower"),
@@ -339,9 +379,11 @@ class Target:
 class ProxyProcess:
     """One proxy under test, started from its command template in a process group of its own."""
 
-    def __init__(self, name: str, template: str, context: dict, client: Addr, log_path: Path) -> None:
+    def __init__(self, name: str, template: str, context: dict, client: Addr, log_path: Path,
+                 handshake: tuple[bytes, bytes] | None = None) -> None:
         self.name = name
         self.client = client
+        self.handshake = handshake  # the readiness probe goes through it too
         self.log_path = log_path
         try:
             self.argv = [token.format_map(context) for token in shlex.split(template)]
@@ -358,7 +400,11 @@ class ProxyProcess:
         self.baseline_procs = 1
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        """Until a connection through the proxy succeeds (it reaches the target, which sees a bare close)."""
+        """Until a connection through the proxy succeeds (it reaches the target, which sees a bare close).
+
+        With a handshake (connect-churn), the probe makes it and must get the expected reply: a proxy
+        that answers but refuses (a wrong config, say) fails here, not as every connection of the run.
+        """
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -366,9 +412,14 @@ class ProxyProcess:
                 raise HarnessError(f"proxy {self.name} exited with status {self.proc.returncode} before serving: "
                                    f"{self.log_tail()}")
             try:
-                connect(self.client, 2.0).close()
+                with connect(self.client, 2.0) as sock:
+                    if self.handshake is not None:
+                        load.handshake(sock, *self.handshake)
             except VsockForbidden:
                 raise
+            except load.HandshakeRefused as exc:
+                raise HarnessError(f"proxy {self.name} refused the readiness probe's handshake ({exc}): "
+                                   f"{self.log_tail()}") from None
             except OSError as exc:
                 last = exc
                 time.sleep(0.02)
@@ -522,6 +573,21 @@ class Bench:
     def client_addr(self, port: int) -> Addr:
         return vsock(port) if self.transport == "vm" else tcp(port)
 
+    def template(self, name: str, scenario: Scenario) -> str | None:
+        """``name``'s command template for ``scenario``; None when it cannot run it (direct: no proxy)."""
+        if scenario.mode is not None:
+            return getattr(self.args, "routed_templates", ROUTED_TEMPLATES)[scenario.mode].get(name)
+        return None if name == "direct" else self.templates.get(name)
+
+    def runs(self, name: str, scenario: Scenario) -> bool:
+        return name == "direct" and scenario.mode is None or self.template(name, scenario) is not None
+
+    def handshake(self, scenario: Scenario) -> tuple[bytes, bytes] | None:
+        if scenario.handshake is None:
+            return None
+        target_addr = self.target.addr(scenario.target_mode, socket.AF_INET)
+        return scenario.handshake(target_addr.sockaddr[0], target_addr.port)
+
     def start_proxy(self, name: str, scenario: Scenario) -> ProxyProcess:
         target_addr = self.target.addr(scenario.target_mode, socket.AF_INET)
         family = socket.AF_VSOCK if self.transport == "vm" else socket.AF_INET
@@ -531,20 +597,26 @@ class Bench:
         else:
             listen, listen_addr = f"TCP4-LISTEN:{port},bind=127.0.0.1", f"tcp:127.0.0.1:{port}"
         allowlist = self.tmp / f"allowlist-{scenario.target_mode}.yaml"
+        allowed = f"allowlist:\n- {{address: {target_addr.sockaddr[0]}, port: {target_addr.port}}}\n"
         if not allowlist.exists():
-            allowlist.write_text(f"allowlist:\n- {{address: {target_addr.sockaddr[0]}, port: {target_addr.port}}}\n")
+            allowlist.write_text(allowed)
+        routed_config = ""
+        if scenario.mode is not None:  # the allowlist, and the one service, on this proxy's port
+            routed = self.tmp / f"routed-{scenario.mode}-{port}.yaml"
+            routed.write_text(f"{allowed}services:\n- {{listen_port: {port}, mode: {scenario.mode}}}\n")
+            routed_config = str(routed)
         workers = scenario.workers(self.params)
         context = {
             "listen": listen, "listen_port": port, "listen_addr": listen_addr,
             "target": f"{target_addr.sockaddr[0]}:{target_addr.port}",
             "target_host": target_addr.sockaddr[0], "target_port": target_addr.port,
-            "allowlist": str(allowlist), "workers": workers, "backlog": BACKLOG,
+            "allowlist": str(allowlist), "routed_config": routed_config, "workers": workers, "backlog": BACKLOG,
             "python": sys.executable, "repo": str(REPO), "transport": self.transport,
         }
         self.started_proxies += 1
-        proxy = ProxyProcess(name, self.templates[name], context, self.client_addr(port),
-                             self.tmp / f"{name}.{self.started_proxies}.log")
-        proxy.key = (name, scenario.target_mode, workers)
+        proxy = ProxyProcess(name, self.template(name, scenario), context, self.client_addr(port),
+                             self.tmp / f"{name}.{self.started_proxies}.log", self.handshake(scenario))
+        proxy.key = (name, scenario.target_mode, workers, scenario.mode)
         self.live.append(proxy)
         return proxy
 
@@ -566,7 +638,8 @@ class Bench:
         so that each peak RSS is its own), except under --smoke, where proxies with the same target
         and -w are kept across scenarios: start-up dominates a smoke run, above all in the VM.
         """
-        proxies = self.args.proxies
+        proxies = [name for name in self.args.proxies if self.runs(name, scenario)]
+        skipped = [name for name in self.args.proxies if name not in proxies]
         reuse = self.args.smoke
         fresh_each_rep = scenario.fresh_proxy and not reuse
         runs: dict[str, list[dict]] = {name: [] for name in proxies}
@@ -576,7 +649,7 @@ class Bench:
         def launch(names: list[str]) -> None:
             started = []
             for name in names:
-                key = (name, scenario.target_mode, scenario.workers(self.params))
+                key = (name, scenario.target_mode, scenario.workers(self.params), scenario.mode)
                 cached = self.kept.get(name)
                 if cached is not None and cached.key == key and cached.proc.poll() is None:
                     running[name] = cached
@@ -626,7 +699,11 @@ class Bench:
             retire()
         # Logs are scanned now for the log lines of this scenario; a kept proxy's log goes on growing,
         # so under --smoke a later scenario's count includes the earlier ones' lines.
-        return {name: self.aggregate(scenario, runs[name], logs[name]) for name in proxies}
+        results = {name: self.aggregate(scenario, runs[name], logs[name]) for name in proxies}
+        for name in skipped:
+            results[name] = {"skipped": scenario.lacks, "median": {m.key: None for m in scenario.metrics},
+                             "failures": 0, "errors": {}, "harness_errors": [], "runs": [], "log": None}
+        return results
 
     def run_once(self, scenario: Scenario, name: str, proxy: ProxyProcess | None) -> dict:
         if proxy is None:
@@ -638,8 +715,12 @@ class Bench:
         else:
             addr = proxy.client
             hold = proxy.memory
+        params = self.params
+        handshake = self.handshake(scenario)
+        if handshake is not None:
+            params = {**params, "preamble": handshake[0], "expect": handshake[1]}
         try:
-            result = scenario.run(addr, self.params, hold, self.fast or load)
+            result = scenario.run(addr, params, hold, self.fast or load)
             self.target.check_alive()
             if proxy is not None:
                 proxy.check_alive()
@@ -676,8 +757,20 @@ class Bench:
         }
 
 
-def add_ratios(scenario: Scenario, results: dict) -> None:
+def add_ratios(scenario: Scenario, results: dict, earlier: dict | None = None) -> None:
+    """Each proxy's ratios to direct and socat; with a baseline scenario in ``earlier`` (the report's
+    scenarios so far), to its own figures there, and the extra time per connection that this costs."""
+    baseline = (earlier or {}).get(scenario.baseline, {}).get("results", {}) if scenario.baseline else {}
     for name, entry in results.items():
+        if scenario.baseline:
+            theirs = baseline.get(name, {}).get("median", {})
+            entry[f"vs_{scenario.baseline}"] = {
+                m.key: entry["median"].get(m.key) / theirs[m.key]
+                if entry["median"].get(m.key) is not None and theirs.get(m.key) else None
+                for m in scenario.metrics}
+            mine, base = entry["median"].get("conns_per_s"), theirs.get("conns_per_s")
+            # a connection's share of the machine: 1/(conn/s); the handshake adds the difference
+            entry["extra_us_per_connection"] = 1e6 * (1 / mine - 1 / base) if mine and base else None
         for base in ("direct", "socat"):
             ratios = {}
             for metric in scenario.metrics:
@@ -707,6 +800,7 @@ def render_table(report: dict) -> str:
         entry = report["scenarios"][scenario.name]
         out.append("")
         out.append(f"{scenario.name}: {entry['description']} (-w {entry['workers']})")
+        baseline = scenario.baseline
         header = ["proxy"]
         for metric in scenario.metrics:
             header.append(metric.label)
@@ -714,10 +808,15 @@ def render_table(report: dict) -> str:
                 header.append("xd")
                 if has_socat:
                     header.append("xs")
+            if baseline:
+                header.append(f"x {baseline}")
         header.append("failures")
         rows = [header]
+        skipped = [name for name in proxies if entry["results"][name].get("skipped")]
         for name in proxies:
             res = entry["results"][name]
+            if res.get("skipped"):
+                continue
             row = [name]
             for metric in scenario.metrics:
                 row.append(fmt(res["median"].get(metric.key)))
@@ -725,12 +824,28 @@ def render_table(report: dict) -> str:
                     row.append(fmt_ratio(res["vs_direct"].get(metric.key)))
                     if has_socat:
                         row.append(fmt_ratio(res["vs_socat"].get(metric.key)))
+                if baseline:
+                    row.append(fmt_ratio(res[f"vs_{baseline}"].get(metric.key)))
             row.append(str(res["failures"]) + (" !" if res["harness_errors"] else ""))
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for row in rows:
             out.append("  " + "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
                                         for i, cell in enumerate(row)))
+        if skipped:
+            out.append(f"  not run ({entry['results'][skipped[0]]['skipped']}): {', '.join(skipped)}")
+        if baseline:
+            if baseline not in report["scenarios"]:
+                out.append(f"  x {baseline}: -, {baseline} was not in this run (add it to --scenarios)")
+            for name in proxies:
+                res = entry["results"][name]
+                extra = res.get("extra_us_per_connection")
+                if res.get("skipped") or extra is None:
+                    continue
+                ratio = res[f"vs_{baseline}"]
+                out.append(f"  handshake cost, {name}: conn/s {fmt_ratio(ratio.get('conns_per_s'))}x and p99 "
+                           f"{fmt_ratio(ratio.get('p99_ms'))}x {baseline}'s, {extra:+.0f} us of the machine "
+                           f"per connection")
     notes = []
     for scenario_name, entry in report["scenarios"].items():
         for name, res in entry["results"].items():
@@ -854,7 +969,7 @@ def raise_nofile(needed: int) -> None:
 
 
 def ensure_socat(templates: dict[str, str], proxies: list[str]) -> None:
-    wanted = any(shlex.split(templates[name])[0] == "socat" for name in proxies if name != "direct")
+    wanted = any(shlex.split(templates[name])[0] == "socat" for name in proxies if name in templates)
     if not wanted or shutil.which("socat"):
         return
     if in_vm():
@@ -877,7 +992,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--proxies", help=f"comma-separated, from {','.join(DEFAULT_PROXIES)} and --proxy-cmd names "
                                           f"(default: all of those)")
     parser.add_argument("--proxy-cmd", action="append", default=[], metavar="NAME=TEMPLATE",
-                        help="add or replace a proxy's command template (see the placeholders above)")
+                        help="add or replace a proxy's command template (see the placeholders above); "
+                             f"NAME@MODE=TEMPLATE: its template for the scenarios of a request-routed MODE "
+                             f"({', '.join(ROUTED_TEMPLATES)}), typically with {{routed_config}}")
     parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES),
                         help=f"comma-separated, from {','.join(SCENARIO_NAMES)} (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per figure, at least 3 (default: 3)")
@@ -897,13 +1014,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     templates = dict(TEMPLATES)
+    routed = {mode: dict(by_name) for mode, by_name in ROUTED_TEMPLATES.items()}
     custom = []
     for item in args.proxy_cmd:
         name, sep, template = item.partition("=")
-        if not sep or not name or not template.strip() or name == "direct":
-            parser.error(f"--proxy-cmd wants NAME=TEMPLATE (NAME not 'direct'), got {item!r}")
-        templates[name] = template
-        if name not in DEFAULT_PROXIES:
+        name, at, mode = name.partition("@")
+        if not sep or not name or not template.strip() or name == "direct" or (at and mode not in routed):
+            parser.error(f"--proxy-cmd wants NAME=TEMPLATE or NAME@MODE=TEMPLATE (NAME not 'direct', MODE "
+                         f"one of {', '.join(routed)}), got {item!r}")
+        (routed[mode] if at else templates)[name] = template
+        if name not in DEFAULT_PROXIES and name not in custom:
             custom.append(name)
     upstream = upstream_template(args.upstream, args.transport) if UPSTREAM not in templates else None
     if upstream is not None:
@@ -915,10 +1035,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.upstream is None:  # asked for by name, but never said where it is
             log(f"{PROG}: note: no {UPSTREAM} row: give --upstream DIR or ${UPSTREAM_ENV}")
         args.proxies.remove(UPSTREAM)
-    unknown = [p for p in args.proxies if p != "direct" and p not in templates]
+    known = [*templates, *(name for by_name in routed.values() for name in by_name if name not in templates)]
+    unknown = [p for p in args.proxies if p != "direct" and p not in known]
     if unknown or not args.proxies:
-        parser.error(f"unknown proxy {', '.join(unknown) or '(none)'}; known: direct, {', '.join(templates)}")
+        parser.error(f"unknown proxy {', '.join(unknown) or '(none)'}; known: direct, {', '.join(known)}")
     args.templates = templates
+    args.routed_templates = routed
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in args.scenarios if s not in SCENARIO_NAMES]
     if bad or not args.scenarios:
@@ -1005,6 +1127,8 @@ def main(argv: list[str]) -> int:
         "command": "scripts/bench " + shlex.join(argv), "params": args.params,
         "load_generator": None, "busy_cores_before": busy,
         "proxies": args.proxies, "templates": {n: args.templates.get(n) for n in args.proxies},
+        "routed_templates": {mode: {n: t for n, t in by_name.items() if n in args.proxies}
+                             for mode, by_name in args.routed_templates.items()},
         "scenarios": {},
     }
     bench = Bench(args, args.params, args.templates)
@@ -1016,7 +1140,7 @@ def main(argv: list[str]) -> int:
             scenario_started = time.monotonic()
             load_before = loadavg()
             results = bench.run_scenario(scenario)
-            add_ratios(scenario, results)
+            add_ratios(scenario, results, report["scenarios"])
             report["scenarios"][scenario.name] = {
                 "description": scenario.describe(args.params), "workers": scenario.workers(args.params),
                 "metrics": {m.key: {"label": m.label, "better": m.better, "ratio": m.ratio} for m in scenario.metrics},

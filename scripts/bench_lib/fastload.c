@@ -9,7 +9,10 @@
  *   fastload serve [--backlog N] [--request N] [--reply N] MODE=ADDR...
  *       MODE: bulk | echo | rr (see bench_lib/target.py: same protocol, same READY line)
  *   fastload pingpong ADDR ROUNDS SIZE
- *   fastload loop ADDR CLIENTS SECONDS REQUEST REPLY MAX   (REPLY 0: echo of REQUEST, checked)
+ *   fastload loop ADDR CLIENTS SECONDS REQUEST REPLY MAX [--preamble HEX --expect PREFIX]
+ *       (REPLY 0: echo of REQUEST, checked.  --preamble: each connection first sends these bytes
+ *       and reads a reply up to and including a blank line, CRLF CRLF, at most 8 KiB, which must
+ *       start with PREFIX: an HTTP CONNECT handshake, "HTTP/1.1 200", before the exchange)
  *   fastload burst ADDR CLIENTS SIZE SECONDS
  *
  * ADDR is tcp:HOST:PORT or vsock:CID:PORT.  Clients print one JSON object on stdout.
@@ -171,10 +174,13 @@ static ssize_t read_exactly(int fd, char *p, size_t n) {
 
 /* ------------------------------------------------------------------ results */
 
-struct errors { long count[MAX_ERRNO + 2]; };  /* by errno; [MAX_ERRNO+1]: short or wrong reply */
+#define WRONG_REPLY (MAX_ERRNO + 1)
+#define WRONG_HANDSHAKE (MAX_ERRNO + 2)
+/* by errno; then a short or wrong reply, and a handshake reply that is not the one expected */
+struct errors { long count[MAX_ERRNO + 3]; };
 
 static void add_error(struct errors *e, int err) {
-    if (err <= 0 || err > MAX_ERRNO) err = MAX_ERRNO + 1;
+    if (err != WRONG_HANDSHAKE && (err <= 0 || err > MAX_ERRNO)) err = WRONG_REPLY;
     __atomic_add_fetch(&e->count[err], 1, __ATOMIC_RELAXED);
 }
 
@@ -182,9 +188,10 @@ static long print_errors(const struct errors *e) {
     long total = 0;
     int first = 1;
     printf("\"errors\": {");
-    for (int i = 1; i <= MAX_ERRNO + 1; i++) {
+    for (int i = 1; i <= WRONG_HANDSHAKE; i++) {
         if (!e->count[i]) continue;
-        printf("%s\"%s\": %ld", first ? "" : ", ", i <= MAX_ERRNO ? errname(i) : "short or wrong reply",
+        printf("%s\"%s\": %ld", first ? "" : ", ",
+               i <= MAX_ERRNO ? errname(i) : i == WRONG_REPLY ? "short or wrong reply" : "handshake refused",
                e->count[i]);
         first = 0;
         total += e->count[i];
@@ -259,6 +266,8 @@ struct loop_shared {
     struct addr a;
     size_t request, reply;
     int echo;
+    const char *preamble, *expect;  /* preamble NULL: no handshake */
+    size_t preamble_len;
     double stop_at;
     long max;
     long attempts;  /* atomic */
@@ -272,6 +281,34 @@ struct loop_thread {
     long n, cap;
 };
 
+#define HANDSHAKE_MAX 8192
+
+/* Send the preamble and read the reply through its blank line; bytes read past it (the relay's
+ * first bytes) go to ``extra``.  Returns how many, -errno, or -WRONG_HANDSHAKE. */
+static ssize_t handshake(int fd, const struct loop_shared *s, char *extra, size_t extra_cap) {
+    static __thread char head[HANDSHAKE_MAX + 1];
+    int w = write_all(fd, s->preamble, s->preamble_len);
+    if (w < 0) return w;
+    size_t got = 0;
+    for (;;) {
+        ssize_t r = read(fd, head + got, HANDSHAKE_MAX - got);
+        if (r < 0) { if (errno == EINTR) continue; return -errno; }
+        if (r == 0) return -WRONG_HANDSHAKE;  /* refused and closed, or cut short */
+        size_t scan = got >= 3 ? got - 3 : 0;  /* the terminator may straddle two reads */
+        got += r;
+        head[got] = 0;
+        char *end = memmem(head + scan, got - scan, "\r\n\r\n", 4);
+        if (end) {
+            size_t header = end + 4 - head, more = got - header;
+            if (strncmp(head, s->expect, strlen(s->expect))) return -WRONG_HANDSHAKE;
+            if (more > extra_cap) return -WRONG_REPLY;
+            memcpy(extra, head + header, more);
+            return more;
+        }
+        if (got == HANDSHAKE_MAX) return -WRONG_HANDSHAKE;
+    }
+}
+
 static void *loop_client(void *arg) {
     struct loop_thread *t = arg;
     struct loop_shared *s = t->shared;
@@ -282,8 +319,19 @@ static void *loop_client(void *arg) {
         double t0 = now();
         int fd = dial(&s->a);
         if (fd < 0) { add_error(&s->errs, -fd); usleep(1000); continue; }
+        ssize_t early = 0;  /* reply bytes that came with the handshake's reply */
+        if (s->preamble) {
+            early = handshake(fd, s, buf, want);
+            if (early < 0) {
+                close(fd);
+                add_error(&s->errs, -early);
+                usleep(1000);
+                continue;
+            }
+        }
         int w = write_all(fd, msg, s->request);
-        ssize_t r = w < 0 ? w : read_exactly(fd, buf, want);
+        ssize_t r = w < 0 ? w : read_exactly(fd, buf + early, want - early);
+        if (r >= 0) r += early;
         close(fd);
         if (r < 0) { add_error(&s->errs, -r); usleep(1000); continue; }
         if ((size_t)r != want || (s->echo && memcmp(buf, msg, want))) { add_error(&s->errs, 0); continue; }
@@ -298,9 +346,32 @@ static void *loop_client(void *arg) {
     return NULL;
 }
 
+static int unhex(const char *hex, char **out, size_t *len) {
+    size_t n = strlen(hex);
+    if (n % 2) return -1;
+    *out = malloc(n / 2 + 1);
+    for (size_t i = 0; i < n / 2; i++) {
+        unsigned v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1) return -1;
+        (*out)[i] = (char)v;
+    }
+    *len = n / 2;
+    return 0;
+}
+
 static int cmd_loop(int argc, char **argv) {
-    if (argc != 6) return 1;
     static struct loop_shared s;
+    for (; argc > 6; argc -= 2) {  /* options after the six positionals */
+        const char *option = argv[argc - 2], *value = argv[argc - 1];
+        if (!strcmp(option, "--preamble")) {
+            if (unhex(value, (char **)&s.preamble, &s.preamble_len)) return 1;
+        } else if (!strcmp(option, "--expect")) {
+            s.expect = value;
+        } else {
+            return 1;
+        }
+    }
+    if (argc != 6 || (s.preamble != NULL) != (s.expect != NULL)) return 1;
     if (parse_addr(argv[0], &s.a)) return 1;
     require_vm_for(&s.a);
     int clients = atoi(argv[1]);

@@ -60,6 +60,35 @@ class Deadline(Exception):
     pass
 
 
+class HandshakeRefused(Exception):
+    """The proxy's reply to a connection's preamble (e.g. an HTTP CONNECT) was not the one expected."""
+
+
+HANDSHAKE_MAX = 8192
+
+
+def handshake(sock, preamble: bytes, expect: bytes) -> bytes:
+    """Send ``preamble``, read the reply through its blank line (CRLF CRLF), check it starts with ``expect``.
+
+    Returns the bytes read past the blank line (the relay's first bytes, if any came with it).
+    Raises HandshakeRefused for another reply, a close before the blank line, or more than 8 KiB.
+    """
+    sock.sendall(preamble)
+    head = b""
+    while True:
+        chunk = sock.recv(HANDSHAKE_MAX - len(head))
+        if not chunk:
+            raise HandshakeRefused(f"closed after {head[:40]!r}")
+        head += chunk
+        end = head.find(b"\r\n\r\n", max(0, len(head) - len(chunk) - 3))
+        if end >= 0:
+            if not head.startswith(expect):
+                raise HandshakeRefused(head[:40].decode("latin-1").split("\r\n")[0])
+            return head[end + 4:]
+        if len(head) >= HANDSHAKE_MAX:
+            raise HandshakeRefused("no blank line in 8 KiB")
+
+
 # --------------------------------------------------------------------------- streaming (threads)
 
 def _stream(addr: Addr, direction: str, size: int, deadline: float, ready: threading.Barrier,
@@ -306,9 +335,9 @@ def request_reply(addr: Addr, *, clients: int, duration: float, request: int, re
             "p99_ms": percentile(ms, 0.99), "exchanges": len(latencies), **failures.report()}
 
 
-def _echo_once(sock, message: bytes) -> None:
+def _echo_once(sock, message: bytes, early: bytes = b"") -> None:
     sock.sendall(message)
-    got = b""
+    got = early
     while len(got) < len(message):
         chunk = sock.recv(len(message) - len(got))
         if not chunk:
@@ -318,8 +347,12 @@ def _echo_once(sock, message: bytes) -> None:
         raise ValueError("echo mismatch")
 
 
-def churn(addr: Addr, *, clients: int, duration: float, size: int, max_connections: int) -> dict:
-    """Connections per second: ``clients`` loops of connect, ``size``-byte echo, close."""
+def churn(addr: Addr, *, clients: int, duration: float, size: int, max_connections: int,
+          preamble: bytes | None = None, expect: bytes = b"") -> dict:
+    """Connections per second: ``clients`` loops of connect, ``size``-byte echo, close.
+
+    With ``preamble``, each connection first goes through :func:`handshake` (connect-churn).
+    """
     gevent, gsocket = _gevent()
     message = os.urandom(size)
     done = [0]
@@ -335,9 +368,13 @@ def churn(addr: Addr, *, clients: int, duration: float, size: int, max_connectio
             sock = None
             try:
                 sock = connect(addr, IO_TIMEOUT, gsocket)
-                _echo_once(sock, message)
+                early = handshake(sock, preamble, expect) if preamble is not None else b""
+                _echo_once(sock, message, early)
                 done[0] += 1
                 latencies.append(clock() - began)
+            except HandshakeRefused as exc:
+                failures.add(f"handshake refused: {exc}"[:80])
+                gevent.sleep(0.001)
             except (OSError, ConnectionError, ValueError) as exc:
                 failures.add(describe(exc))
                 gevent.sleep(0.001)
@@ -482,8 +519,11 @@ class FastLoad:
         return {"exchanges_per_s": out["per_s"], "p50_ms": out["p50_ms"], "p99_ms": out["p99_ms"],
                 "exchanges": out["done"], "failures": out["failures"], "errors": out["errors"]}
 
-    def churn(self, addr: Addr, *, clients: int, duration: float, size: int, max_connections: int) -> dict:
-        out = self.run(["loop", addr, clients, duration, size, 0, max_connections], duration + IO_TIMEOUT + 30)
+    def churn(self, addr: Addr, *, clients: int, duration: float, size: int, max_connections: int,
+              preamble: bytes | None = None, expect: bytes = b"") -> dict:
+        handshake_args = ["--preamble", preamble.hex(), "--expect", expect.decode()] if preamble is not None else []
+        out = self.run(["loop", addr, clients, duration, size, 0, max_connections, *handshake_args],
+                       duration + IO_TIMEOUT + 30)
         return {"conns_per_s": out["per_s"], "p99_ms": out["p99_ms"], "connections": out["done"],
                 "failures": out["failures"], "errors": out["errors"]}
 
