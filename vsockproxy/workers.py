@@ -301,6 +301,7 @@ class Workers:
                 answered, process.answered = process.answered, Event()
                 answered.set()
         process.control.close()
+        process.answered.set()  # no answer will come: a poll need not wait for one
         status = reap(process.pid)
         self._forget(process)
         if process.leaving or process.generation.retired or self._stopping.is_set():
