@@ -371,6 +371,18 @@ def test_sigterm_drains_every_worker_within_the_grace_and_exits_0(parent, stream
     assert_clean_log(proxy)
 
 
+def test_sigterm_to_every_process_at_once_as_systemctl_stop_sends_it_is_one_clean_drain(parent, echo_target,
+                                                                                           tmp_path):
+    config = config_file(tmp_path, echo_target.port)
+    proxy = parent(["--processes", "2", "5005", "127.0.0.1", str(echo_target.port), "--config", str(config)])
+    proxy.wait_ready()
+    workers = proxy.wait_workers(2)
+    for pid in (*workers, proxy.pid):  # the workers first: the parent must not take their exits for deaths
+        os.kill(pid, signal.SIGTERM)
+    assert proxy.finish() == 0
+    assert not [line for line in proxy.lines if "starting a new one" in line or " WARNING " in line], proxy.lines
+
+
 def test_workers_drain_and_exit_when_the_parent_dies(parent, echo_target, tmp_path):
     config = config_file(tmp_path, echo_target.port)
     proxy = parent(["--processes", "2", "--shutdown-grace", "1", "5005", "127.0.0.1", str(echo_target.port),

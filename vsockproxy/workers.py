@@ -529,10 +529,11 @@ class _Worker:
         self._deadline: float | None = None
 
     def run(self) -> int:
-        for signum in (signal.SIGHUP, signal.SIGUSR1):  # the parent's to handle; a group-wide one must not kill
+        # Orders come from the parent alone.  `systemctl stop` signals the whole control group and a
+        # terminal's Ctrl-C the whole process group: the parent forwards those, and a worker that
+        # acted on its own copy too would exit while the parent still counted on it.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)
-        gevent.signal_handler(signal.SIGTERM, self.drain)  # systemd signals the whole control group
-        gevent.signal_handler(signal.SIGINT, self.drain)  # so does a terminal's Ctrl-C
         self.supervisor.start(announce=False)
         _send(self.control, ("ready", None))
         gevent.spawn(self._hear_parent)
