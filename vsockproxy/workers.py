@@ -36,6 +36,7 @@ import gevent
 import gevent.os
 import gevent.socket
 from gevent.event import Event
+from gevent.hub import get_hub
 from gevent.lock import Semaphore
 from gevent.pool import Group
 from prometheus_client import CollectorRegistry
@@ -272,10 +273,13 @@ class Workers:
 
     def _fork(self, generation: _Generation, index: int) -> None:
         ours, theirs = gevent.socket.socketpair()
+        # The hub's callbacks in hand are the parent's work (an event's waiters to wake, a greenlet to
+        # resume): the new worker drops them, or a scrape's handler could answer from both processes.
+        in_hand = list(get_hub().loop._callbacks)
         pid = gevent.os.fork_gevent()
         if pid == 0:
             ours.close()
-            self._become_worker(generation, index, theirs)
+            self._become_worker(generation, index, theirs, in_hand)
         theirs.close()
         process = _Process(pid, index, generation, ours, time.monotonic())
         generation.processes[index] = process
@@ -328,11 +332,12 @@ class Workers:
         if not self._processes:
             self._all_exited.set()
 
-    def _become_worker(self, generation: _Generation, index: int, control: socket.socket) -> NoReturn:
+    def _become_worker(self, generation: _Generation, index: int, control: socket.socket,
+                       in_hand: list) -> NoReturn:
         """In a new child: let go of what is the parent's, run the worker, exit; never returns."""
         code = 1
         try:
-            self._leave_parent(generation)
+            self._leave_parent(generation, in_hand)
             template = generation.template
             template.given = {port: replace(authorized, service=replace(
                 authorized.service, num_workers=share(authorized.service.num_workers, self.count, index)))
@@ -343,13 +348,16 @@ class Workers:
         finally:
             os._exit(code)
 
-    def _leave_parent(self, generation: _Generation) -> None:
+    def _leave_parent(self, generation: _Generation, in_hand: list) -> None:
         """End the parent's greenlets, handlers and sockets in this copy of it: they are the parent's to run.
 
         Nothing here yields to the hub, which would run the parent's watchers (a scrape, a
-        sibling's message) in this process.  The kills are queued before the closes, so a
-        watcher of a sibling's socket ends before it can hear of that socket's closing.
+        sibling's message) in this process.  The callbacks the parent had in hand at the fork
+        are dropped, then the kills are queued before the closes, so the kills come first and
+        a watcher of a sibling's socket ends before it can hear of that socket's closing.
         """
+        for callback in in_hand:
+            callback.stop()
         current = gevent.getcurrent()
         gevent.killall([greenlet for greenlet in self._greenlets if greenlet is not current], block=False)
         for handler in self._handlers:
