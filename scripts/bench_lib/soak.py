@@ -77,7 +77,8 @@ class Proxy:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VSOCK_PROXY_")}
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
-        options = ["-w", "64", "--config", str(config)]
+        # One process: the soak samples its RSS and counts its sockets, which a parent of workers would not show.
+        options = ["--processes", "1", "-w", "64", "--config", str(config)]
         if transport == "host":
             argv = [sys.executable, str(STAND_IN_RUNNER), "--stand-in", *options, "5005", "127.0.0.1",
                     str(target_port)]
