@@ -467,7 +467,7 @@ def scrape(address: tuple[str, int], timeout: float = 30) -> dict[str, float]:
 
 
 def pattern(seed: int, size: int) -> bytes:
-    """``size`` bytes that ``seed`` alone decides: what a StreamingTarget sends, for the client to check."""
+    """``size`` bytes that ``seed`` alone decides: what a streaming() target sends, for the client to check."""
     return random.Random(seed).randbytes(size)
 
 
