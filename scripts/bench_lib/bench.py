@@ -93,6 +93,9 @@ TEMPLATES = {
     "socat-big": "socat -b 262144 {listen},reuseaddr,fork,backlog={backlog} TCP:{target}",
     "vsockproxy": "{python} {repo}/scripts/bench_lib/run_vsockproxy.py {listen} {target_host} {target_port} "
                   "--config {allowlist} -w {workers} --backlog {backlog}",
+    # The default above is --processes auto (a worker per CPU); this is the single process of 1.x.
+    "vsockproxy-1": "{python} {repo}/scripts/bench_lib/run_vsockproxy.py {listen} {target_host} {target_port} "
+                    "--config {allowlist} -w {workers} --backlog {backlog} --processes 1",
 }
 #: The proxies that speak a request-routed mode, by mode: their templates for the scenarios of that mode.
 #: The service (port and mode) comes from {routed_config}, so the command line names no target.
