@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
+from prometheus_client import CollectorRegistry
 
 from vsockproxy.allowlist import Allowlist, NotAllowed, Target
 from vsockproxy.config import (FIXED, ConfigError, FileConfig, Options, Service, configure, load_file,
@@ -167,14 +168,7 @@ class Supervisor:
         return servers
 
     def _start_metrics(self, address: str) -> None:
-        host, port = parse_bind_address(address)
-        try:
-            listener = metrics_listener(host, port)
-        except OSError as exc:  # socket.gaierror too: its strerror is the resolver's message
-            raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-        self._metrics_server = MetricsServer(listener, self.metrics.registry)
-        self._metrics_server.start()
-        log.info("metrics on http://%s/metrics", address)
+        self._metrics_server = start_metrics_server(address, self.metrics.registry)
 
     def reload(self) -> bool:
         """Apply the file as it is now, or change nothing; returns whether it was applied."""
@@ -346,6 +340,19 @@ def summary_of(services: Iterable[tuple[int, str, ServiceMetrics]]) -> str:
         counts = " ".join(f"{key}={value}" for key, value in metrics.snapshot().items())
         parts.append(f"port {port}->{target}: {counts}")
     return "summary: " + ("; ".join(parts) or "no services")
+
+
+def start_metrics_server(address: str, registry: CollectorRegistry) -> MetricsServer:
+    """Serve ``registry`` at http://ADDRESS/metrics; raises StartupError."""
+    host, port = parse_bind_address(address)
+    try:
+        listener = metrics_listener(host, port)
+    except OSError as exc:  # socket.gaierror too: its strerror is the resolver's message
+        raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+    server = MetricsServer(listener, registry)
+    server.start()
+    log.info("metrics on http://%s/metrics", address)
+    return server
 
 
 #: The request reader of each request-routed mode; a fresh one per connection.

@@ -43,13 +43,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from vsockproxy.allowlist import NotAllowed
-from vsockproxy.config import ConfigError, FileConfig, Options, load_file, parse_bind_address
+from vsockproxy.config import ConfigError, FileConfig, Options, load_file
 from vsockproxy.listen import Listen, ListenError
 from vsockproxy.loader import load_file_in_child, reap
 from vsockproxy.metrics import Metrics, ServiceMetrics
-from vsockproxy.metrics_server import MetricsServer, metrics_listener
+from vsockproxy.metrics_server import MetricsServer
 from vsockproxy.notify import Notifier
-from vsockproxy.supervisor import STATUS_INTERVAL, Authorized, StartupError, Supervisor, log_listening, summary_of
+from vsockproxy.supervisor import (STATUS_INTERVAL, Authorized, StartupError, Supervisor, log_listening,
+                                   start_metrics_server, summary_of)
 
 log = logging.getLogger("vsockproxy")
 
@@ -181,14 +182,7 @@ class Workers:
         return listeners
 
     def _start_metrics(self, address: str) -> None:
-        host, port = parse_bind_address(address)
-        try:
-            listener = metrics_listener(host, port)
-        except OSError as exc:
-            raise StartupError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-        self._metrics_server = MetricsServer(listener, self.registry)
-        self._metrics_server.start()
-        log.info("metrics on http://%s/metrics", address)
+        self._metrics_server = start_metrics_server(address, self.registry)
 
     def _launch(self, generation: _Generation) -> bool:
         """Fork the generation's workers; True once all of them accept, False if a drain began first."""
