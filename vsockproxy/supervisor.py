@@ -172,17 +172,7 @@ class Supervisor:
 
     def reload(self) -> bool:
         """Apply the file as it is now, or change nothing; returns whether it was applied."""
-        with self._reload_lock:
-            if self._stopping.is_set():
-                log.warning("reload refused: shutting down")
-                return False
-            self.notifier.reloading()
-            try:
-                applied = self._reload()
-            finally:
-                if not self._stopping.is_set():  # after STOPPING=1, READY=1 would be a lie
-                    self.notifier.ready(self.status())
-            return applied
+        return reload_once(self._reload_lock, self._stopping, self.notifier, self._reload, self.status)
 
     def _reload(self) -> bool:
         try:
@@ -340,6 +330,21 @@ def summary_of(services: Iterable[tuple[int, str, ServiceMetrics]]) -> str:
         counts = " ".join(f"{key}={value}" for key, value in metrics.snapshot().items())
         parts.append(f"port {port}->{target}: {counts}")
     return "summary: " + ("; ".join(parts) or "no services")
+
+
+def reload_once(lock: Semaphore, stopping: Event, notifier: Notifier, apply: Callable[[], bool],
+                status: Callable[[], str]) -> bool:
+    """One reload at a time, none once the drain has begun, told to systemd as RELOADING then READY."""
+    with lock:
+        if stopping.is_set():
+            log.warning("reload refused: shutting down")
+            return False
+        notifier.reloading()
+        try:
+            return apply()
+        finally:
+            if not stopping.is_set():  # after STOPPING=1, READY=1 would be a lie
+                notifier.ready(status())
 
 
 def start_metrics_server(address: str, registry: CollectorRegistry) -> MetricsServer:

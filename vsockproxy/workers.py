@@ -50,7 +50,7 @@ from vsockproxy.metrics import Metrics, ServiceMetrics
 from vsockproxy.metrics_server import MetricsServer
 from vsockproxy.notify import Notifier
 from vsockproxy.supervisor import (STATUS_INTERVAL, Authorized, StartupError, Supervisor, log_listening,
-                                   start_metrics_server, summary_of)
+                                   reload_once, start_metrics_server, summary_of)
 
 log = logging.getLogger("vsockproxy")
 
@@ -193,16 +193,7 @@ class Workers:
 
     def reload(self) -> bool:
         """Apply the file as it is now in a new generation of workers, or change nothing."""
-        with self._reload_lock:
-            if self._stopping.is_set():
-                log.warning("reload refused: shutting down")
-                return False
-            self.notifier.reloading()
-            try:
-                return self._reload()
-            finally:
-                if not self._stopping.is_set():
-                    self.notifier.ready(self.status())
+        return reload_once(self._reload_lock, self._stopping, self.notifier, self._reload, self.status)
 
     def _reload(self) -> bool:
         try:
