@@ -193,6 +193,15 @@ class FakeDNS:
         return sum(1 for call in self.calls if call[0] == host)
 
 
+def inet_aton_reads(text: str) -> bool:
+    """Whether glibc's getaddrinfo would read ``text`` as an IPv4 number, without DNS."""
+    try:
+        socket.inet_aton(text)
+    except (OSError, ValueError):
+        return False
+    return text.strip() == text
+
+
 class GlibcLikeDNS:
     """A ``getaddrinfo`` stand-in: a table of names, glibc's numeric parsing, and a log of every question."""
 
@@ -203,11 +212,8 @@ class GlibcLikeDNS:
     def __call__(self, host, port, family=0, type=0, proto=0, flags=0):
         self.asked.append(host)
         addresses = self.records.get(host)
-        if addresses is None:
-            try:  # what glibc does before any DNS: inet_aton accepts 0x7f000001, 0177.1, 2130706433 ...
-                addresses = [socket.inet_ntoa(socket.inet_aton(host))] if host.strip() == host else None
-            except (OSError, ValueError):
-                addresses = None
+        if addresses is None and inet_aton_reads(host):  # no DNS: 0x7f000001, 0177.1, 2130706433 ...
+            addresses = [socket.inet_ntoa(socket.inet_aton(host))]
         if addresses is None:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return addrinfo(addresses, port, family)

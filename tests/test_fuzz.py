@@ -45,7 +45,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import vsockproxy.cli as cli  # noqa: E402
-from tests.fuzzing import fuzz_settings, run_counted as run_counted_cases
+from tests.fuzzing import fuzz_settings, run_counted as run_counted_cases  # noqa: E402
+from tests.helpers import inet_aton_reads  # noqa: E402
 from vsockproxy.allowlist import NotAllowed  # noqa: E402
 from vsockproxy.config import (  # noqa: E402
     MAX_FILE_BYTES, MAX_VSOCK_PORT, ConfigError, FileConfig, load_file, parse_bind_address, parse_document, parse_yaml,
@@ -127,15 +128,6 @@ def try_ip(text):
         return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def inet_aton_reads(text: str) -> bool:
-    """Whether glibc's getaddrinfo would read ``text`` as an IPv4 number, without DNS."""
-    try:
-        socket.inet_aton(text)
-    except (OSError, ValueError):
-        return False
-    return text.strip() == text
 
 
 def is_unambiguous_name(name: str) -> bool:

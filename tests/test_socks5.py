@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tests.test_bypass as bypass
-from tests.helpers import GlibcLikeDNS
 from tests.fuzzing import fuzz_settings, run_counted
+from tests.helpers import GlibcLikeDNS, inet_aton_reads
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.config import parse_document
 from vsockproxy.handshake import (
@@ -491,15 +491,6 @@ def parse_network(entry: str):
         return ipaddress.ip_network(entry)
     except ValueError:
         return None
-
-
-def inet_aton_reads(text: str) -> bool:
-    """Whether glibc's getaddrinfo would read ``text`` as an IPv4 number, without DNS."""
-    try:
-        socket.inet_aton(text)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def entries_for(port: int) -> list[str]:
