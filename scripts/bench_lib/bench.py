@@ -1,7 +1,8 @@
-"""Side-by-side benchmark of vsock proxies: direct (no proxy), socat, socat -b 262144 and vsockproxy,
-and AWS's own vsock-proxy ("upstream") when --upstream names where it is built.
+"""Side-by-side benchmark of vsock proxies: direct (no proxy), socat, socat -b 262144 and vsockproxy
+(--processes auto; "vsockproxy-1" is --processes 1, on request), and AWS's own vsock-proxy ("upstream")
+when --upstream names where it is built.
 
-    scripts/bench [--transport host|vm] [--proxies direct,socat,socat-big,vsockproxy,upstream]
+    scripts/bench [--transport host|vm] [--proxies direct,socat,socat-big,vsockproxy,vsockproxy-1,upstream]
                   [--proxy-cmd NAME=TEMPLATE ...] [--scenarios bulk-up,...] [--repeat 3]
                   [--smoke] [--set KEY=VALUE ...] [--load auto|c|python] [--json FILE]
                   [--upstream DIR]
