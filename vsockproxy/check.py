@@ -19,7 +19,7 @@ import gevent
 import gevent.socket
 
 from vsockproxy.allowlist import NotAllowed
-from vsockproxy.config import ConfigError, Options
+from vsockproxy.config import FIXED, SDK_POOL_CONNECTIONS, ConfigError, Options, Service
 from vsockproxy.logs import one_line
 from vsockproxy.notify import Notifier
 from vsockproxy.resolver import Endpoint
@@ -35,9 +35,25 @@ def run_check(options: Options, out: TextIO = sys.stdout) -> int:
         return 1
     checks = [gevent.spawn(check_service, service) for service in services.values()]
     gevent.joinall(checks)
-    for check in checks:
+    for check, authorized in zip(checks, services.values()):
         print(one_line(check.value[1]), file=out)
+        warning = workers_warning(authorized.service)
+        if warning:
+            print(warning, file=out)
     return 0 if all(check.value[0] for check in checks) else 1
+
+
+def workers_warning(service: Service) -> str | None:
+    """A request-routed service that one pooled SDK client can hold whole, in a ``warn`` line; else None.
+
+    Such a port is shared by every client in the enclave, so a pool that keeps all
+    its workers busy leaves the others waiting in the backlog until one closes.
+    """
+    if service.mode == FIXED or service.num_workers >= SDK_POOL_CONNECTIONS:
+        return None
+    return (f"warn {service}: {service.num_workers} worker(s), fewer than one pooled client may hold open "
+            f"(boto3 keeps up to {SDK_POOL_CONNECTIONS}); further connections wait in the listen backlog: "
+            f"raise -w or the service's num_workers")
 
 
 def _never_listen(port: int) -> socket.socket:

@@ -151,7 +151,8 @@ def build_parser() -> OneLineParser:
     parser.add_argument("-w", "--num_workers", metavar="N",
                         type=_option(NUM_WORKERS, "num_workers"), default=Defaults.num_workers,
                         env_var="VSOCK_PROXY_NUM_WORKERS",
-                        help="connections served at once; more wait in the listen backlog (default: 4)")
+                        help="connections served at once, per service; more wait in the listen backlog (default: 4 for "
+                             "a fixed target, 64 for modes http-connect, socks5 and sni)")
     parser.add_argument("--processes", metavar="N", type=_processes, default="auto", env_var="VSOCK_PROXY_PROCESSES",
                         help="processes that relay connections, each with its share of every service's workers; "
                              "'auto' is one per CPU this process may run on, 1 relays in this process alone "

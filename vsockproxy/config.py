@@ -111,6 +111,16 @@ FIXED = "fixed"
 ROUTED_MODES = ("http-connect", "socks5", "sni")
 MODES = (FIXED, *ROUTED_MODES)
 
+#: Workers (connections relayed at once) of a service whose entry and command line name none.  A fixed
+#: route keeps upstream's 4.  A request-routed port is shared by every client of the enclave, and SDKs
+#: keep pools of open connections (boto3 10, the AWS SDK for Java 50), so 4 would let one client's pool
+#: hold the port while everyone else waits in the backlog.
+DEFAULT_NUM_WORKERS = {FIXED: 4, **{mode: 64 for mode in ROUTED_MODES}}
+
+#: boto3's default ``max_pool_connections``: a service with fewer workers than this can be held
+#: whole by one pooled client, which ``--check`` warns about.
+SDK_POOL_CONNECTIONS = 10
+
 
 def parse_bind_address(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into a bind address; raises ValueError."""
@@ -155,7 +165,7 @@ class FileConfig:
 class Defaults:
     """What a service takes from the command line unless its own entry says otherwise."""
 
-    num_workers: int = 4
+    num_workers: int | None = None  # None: DEFAULT_NUM_WORKERS of the service's mode
     family: int = socket.AF_UNSPEC
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0
@@ -230,7 +240,8 @@ def _decide(entry: ServiceEntry, defaults: Defaults) -> Service:
         return default if value is None else value
 
     return Service(entry.listen_port, entry.address, entry.port,
-                   num_workers=either(entry.num_workers, defaults.num_workers),
+                   num_workers=either(entry.num_workers, either(defaults.num_workers,
+                                                                DEFAULT_NUM_WORKERS[entry.mode])),
                    family=either(entry.family, defaults.family),
                    connect_timeout=either(entry.connect_timeout, defaults.connect_timeout),
                    idle_timeout=either(entry.idle_timeout, defaults.idle_timeout),
