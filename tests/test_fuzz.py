@@ -911,7 +911,8 @@ def check_settings(ns: argparse.Namespace) -> None:
     else:
         assert ns.remote_addr is None and ns.remote_port is None, ns
     assert isinstance(ns.ipv4, bool) and isinstance(ns.ipv6, bool) and not (ns.ipv4 and ns.ipv6)
-    assert type(ns.num_workers) is int and 1 <= ns.num_workers <= 1_000_000
+    # None: not given, so each service's mode decides (config.DEFAULT_NUM_WORKERS)
+    assert ns.num_workers is None or (type(ns.num_workers) is int and 1 <= ns.num_workers <= 1_000_000)
     assert type(ns.cid) is int and 0 <= ns.cid <= VMADDR_CID_ANY
     assert type(ns.backlog) is int and 1 <= ns.backlog <= 1 << 20
     assert isinstance(ns.connect_timeout, float) and math.isfinite(ns.connect_timeout) and ns.connect_timeout > 0
