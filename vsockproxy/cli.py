@@ -81,6 +81,23 @@ class _NamedLines(list):
 class OneLineParser(configargparse.ArgumentParser):
     """argparse prints usage plus the error; operators and scripts want just the error."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        self.positionals: list[argparse.Action] = []    # first: argparse's __init__ adds --help
+        self.value_options: list[argparse.Action] = []  # options that take one value
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        """Remember the positionals and the one-value options, which parse_arguments checks again.
+
+        The -4/-6 group adds its flags through the group, and flags take no value.
+        """
+        action = super().add_argument(*args, **kwargs)
+        if not action.option_strings:
+            self.positionals.append(action)
+        elif action.nargs is None:
+            self.value_options.append(action)
+        return action
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{PROG}: error: {one_line(message)} (see {PROG} --help)\n")
 
@@ -208,9 +225,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     arguments, leftovers = parser.parse_known_args(argv)
     _take_late_positionals(parser, arguments, leftovers)
-    for action in parser._actions:
+    for action in parser.value_options:
         # argparse drops a value of exactly "--" (--backlog=--, or VSOCK_PROXY_BACKLOG=--) and stores an empty list
-        if action.nargs is None and action.option_strings and getattr(arguments, action.dest, None) == []:
+        if getattr(arguments, action.dest, None) == []:
             parser.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
     missing = [name.upper() for name in ("local_port", "remote_addr", "remote_port")
                if getattr(arguments, name) is None]
@@ -250,8 +267,7 @@ def _take_late_positionals(parser: OneLineParser, settings: argparse.Namespace, 
     unknown = [arg for arg in leftovers if arg.startswith("-") and arg != "-"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    positionals = [action for action in parser._actions if not action.option_strings]
-    unfilled = [action for action in positionals if getattr(settings, action.dest) is None]
+    unfilled = [action for action in parser.positionals if getattr(settings, action.dest) is None]
     if len(leftovers) > len(unfilled):
         parser.error(f"unrecognized arguments: {' '.join(leftovers[len(unfilled):])}")
     for action, text in zip(unfilled, leftovers):

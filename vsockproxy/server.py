@@ -98,8 +98,6 @@ class VsockProxyServer(AcceptingServer):
                  metrics: ServiceMetrics) -> None:
         super().__init__(listener, spawn=Pool(num_workers))
         self.max_accept = 1  # until the first accept shows how many descriptors are free
-        # Read once: each read of socket.family and .type builds an IntEnum.
-        self._accepted_kind = (listener.family, listener.type, listener.proto)
         self.route = route
         self.metrics = metrics
         self._retired_pools: list[Pool] = []
@@ -258,14 +256,13 @@ class VsockProxyServer(AcceptingServer):
     def accept_connection(self) -> tuple[socket.socket, object]:
         """Accept one connection as a plain non-blocking socket.
 
-        The pipes drive raw descriptors with their own io watchers, so gevent's
-        socket wrapper (and its two watchers) would be built only to be closed.
-        ``_accept()`` is what gevent's own StreamServer.do_read calls (gevent 26.9).
+        The listener is the standard library's socket, not gevent's: the pipes drive
+        raw descriptors with their own io watchers, so gevent's socket wrapper (and
+        its two watchers) would be built only to be closed.
         """
-        fd, address = self.socket._accept()
-        self.max_accept = accept_batch(fd, 2 * self.active_connections)
-        enclave = socket.socket(*self._accepted_kind, fileno=fd)
+        enclave, address = self.socket.accept()
         enclave.setblocking(False)
+        self.max_accept = accept_batch(enclave.fileno(), 2 * self.active_connections)
         return enclave, address
 
 
