@@ -124,8 +124,10 @@ class VsockProxyServer(AcceptingServer):
         metrics.opened()
         if route.from_cids is not None and _peer_cid(address) not in route.from_cids:
             # Before anything is read or connected: another enclave's connection costs nothing more.
-            log.warning("refused enclave=%s %s: CID %s is not in the service's from_cids (%s)", peer,
-                        _subject(route), _peer_cid(address), ", ".join(str(cid) for cid in sorted(route.from_cids)))
+            cid = _peer_cid(address)
+            log.warning("refused enclave=%s %s: %s in the service's from_cids (%s)", peer, _subject(route),
+                        "not a vsock peer, so not" if cid is None else f"CID {cid} is not",
+                        ", ".join(str(cid) for cid in sorted(route.from_cids)))
             metrics.closed(WRONG_CID)
             return
         try:
