@@ -7,15 +7,18 @@ and ``cli.main()`` up to the listen step (test_bypass.py's ``start_up``).
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import socket
 
 import pytest
 
+import vsockproxy.check as check_module
 import vsockproxy.supervisor as supervisor_module
 from tests.helpers import REPO, GlibcLikeDNS, assert_one_line_error, cli_env, supervisor_for
 from tests.test_bypass import assert_start_up_refused, start_up  # noqa: F401  (a fixture)
 from vsockproxy.allowlist import DENIED, INTERNAL_ADDRESS, NOT_LISTED, NotAllowed
+from vsockproxy.cli import options_from, parse_arguments
 from vsockproxy.config import ConfigError, parse_document, parse_yaml
 from vsockproxy.resolver import ResolveError, Resolver
 
@@ -281,8 +284,7 @@ def test_a_fixed_route_looks_its_name_up_at_start_only_when_an_address_could_be_
 
 
 def test_start_up_refuses_a_fixed_route_into_the_metadata_service_in_one_line(start_up):  # noqa: F811
-    from tests.helpers import GlibcLikeDNS as DNS
-    result = start_up(WILDCARD, "imds.example.com", dns=DNS({"imds.example.com": ["169.254.169.254"]}))
+    result = start_up(WILDCARD, "imds.example.com", dns=GlibcLikeDNS({"imds.example.com": ["169.254.169.254"]}))
     assert_start_up_refused(result, "vsock port 5000 -> imds.example.com:443", "169.254.169.254",
                             "internal address in 169.254.0.0/16")
 
@@ -319,3 +321,57 @@ def test_start_up_and_check_refuse_allow_internal_on_an_exact_name_alike(run_cli
                                  "allow_internal applies to wildcard (*.) entries only")
     result = run_cli("--check", "8000", "localhost", "443", "--config", path, env=cli_env())
     assert result.returncode == 1 and result.stdout == "FAIL " + line[len("vsock-proxy: error: "):] + "\n"
+
+
+# --------------------------------------------------------------------------- --check
+
+@pytest.fixture
+def check(tmp_path, monkeypatch):
+    """``check(yaml, records)``: run_check() of the file in this process: (status, output lines, addresses
+    connected to).  Resolvers answer from ``records``; the connect step is a stand-in that records each
+    address and succeeds without a socket, so nothing is sent anywhere."""
+    connected = []
+    monkeypatch.setattr(check_module, "_connect", lambda endpoint, timeout: connected.append(str(endpoint)))
+
+    def run(text: str, records: dict[str, list[str]]):
+        dns = GlibcLikeDNS(records)
+        real = Resolver
+        monkeypatch.setattr(supervisor_module, "Resolver",
+                            lambda family, ttl, **kwargs: real(family, ttl, getaddrinfo=dns, **kwargs))
+        path = tmp_path / "check.yaml"
+        path.write_text(text)
+        out = io.StringIO()
+        status = check_module.run_check(options_from(parse_arguments(["--check", "--config", str(path)])), out)
+        return status, out.getvalue().splitlines(), connected
+    return run
+
+
+def test_check_shows_each_address_of_a_wildcard_target_and_why_one_is_refused(check):
+    status, lines, connected = check(
+        DENY_FILE + FIXED.format(address="s3.example.com"),
+        {"s3.example.com": ["169.254.169.254", "10.1.2.3", "192.0.2.10"]})
+    assert status == 0, lines
+    assert lines[0].startswith("ok   vsock port 8000 -> s3.example.com:443 (allowed by *.example.com:443, 1 address, "
+                               "connected to 192.0.2.10:443 in "), lines
+    assert lines[1:] == [
+        "     address 169.254.169.254:443: refused: internal address in 169.254.0.0/16 (link-local: the metadata "
+        "service, Amazon DNS and time service), and the wildcard entry *.example.com:443 does not say allow_internal",
+        "     address 10.1.2.3:443: refused: deny entry 10.1.2.0/24",
+        "     address 192.0.2.10:443: may be used"]
+    assert connected == ["192.0.2.10:443"]  # never a refused address
+
+
+def test_check_fails_a_target_whose_every_address_is_refused_as_start_up_does(check):
+    status, lines, connected = check(WILDCARD + FIXED.format(address="imds.example.com"),
+                                     {"imds.example.com": ["169.254.169.254"]})
+    assert status == 1 and connected == []
+    assert lines == ["FAIL vsock port 8000 -> imds.example.com:443: imds.example.com:443 resolves only to refused "
+                     "addresses: 169.254.169.254 (internal address in 169.254.0.0/16 (link-local: the metadata "
+                     "service, Amazon DNS and time service), and the wildcard entry *.example.com:443 does not say "
+                     "allow_internal)"]
+
+
+def test_check_lists_no_addresses_for_a_target_none_of_whose_addresses_could_be_refused(check):
+    status, lines, _ = check("allowlist:\n- {address: kms.example.net, port: 443}\n" +
+                             FIXED.format(address="kms.example.net"), {"kms.example.net": ["127.0.0.1", "::1"]})
+    assert status == 0 and len(lines) == 1 and "2 addresses, connected to 127.0.0.1:443 in " in lines[0], lines
