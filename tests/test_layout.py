@@ -28,7 +28,8 @@ MAY_IMPORT = {
     "supervisor": {"allowlist", "config", "handshake", "http_connect", "listen", "loader", "metrics",
                    "metrics_server", "notify", "resolver", "server", "sni", "socks5"},
     "workers": {"allowlist", "config", "listen", "loader", "metrics", "metrics_server", "notify", "supervisor"},
-    "allowlist": {"hostnames", "resolver"},
+    "allowlist": {"hostnames", "internal", "resolver"},
+    "internal": {"hostnames"},
     "resolver": {"hostnames"},
     "hostnames": set(),
     "listen": set(),
@@ -45,7 +46,8 @@ MAY_IMPORT = {
     "logs": set(),
 }
 #: Modules that must not import gevent: they are plain data and checks.
-NO_GEVENT = {"__main__", "allowlist", "config", "handshake", "hostnames", "http_connect", "logs", "notify", "sni", "socks5"}
+NO_GEVENT = {"__main__", "allowlist", "config", "handshake", "hostnames", "http_connect", "internal", "logs", "notify",
+             "sni", "socks5"}
 
 
 def imports_of(module: str) -> set[str]:

@@ -5,7 +5,9 @@ start-up's own checks (the supervisor's ``authorize()``: the file, the arguments
 the allowlist), then resolves each service's target and connects to it once over
 TCP, as a connection from the enclave would.  Nothing listens, nothing connects
 over vsock and the service manager hears nothing, so it can run beside the
-proxy it is meant to replace.
+proxy it is meant to replace.  A target whose addresses are screened (a wildcard's, or any
+with ``deny:`` networks) gets a line per address saying whether it would be refused, and
+why; only the others are connected to.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TextIO
 import gevent
 import gevent.socket
 
-from vsockproxy.allowlist import NotAllowed
+from vsockproxy.allowlist import NotAllowed, Target
 from vsockproxy.config import FIXED, SDK_POOL_CONNECTIONS, ConfigError, Options, Service
 from vsockproxy.logs import one_line
 from vsockproxy.notify import Notifier
@@ -27,7 +29,7 @@ from vsockproxy.supervisor import Authorized, Supervisor
 
 
 def run_check(options: Options, out: TextIO = sys.stdout) -> int:
-    """Print one line per service, ``ok`` or ``FAIL``; returns 0 if every one passed, else 1."""
+    """Print a line per service, ``ok`` or ``FAIL``, and its notes; returns 0 if every one passed, else 1."""
     try:
         services = Supervisor(options, _never_listen, notifier=Notifier(address="")).authorize()
     except (ConfigError, NotAllowed) as exc:  # what start-up would refuse, in its words
@@ -36,10 +38,9 @@ def run_check(options: Options, out: TextIO = sys.stdout) -> int:
     checks = [gevent.spawn(check_service, service) for service in services.values()]
     gevent.joinall(checks)
     for check, authorized in zip(checks, services.values()):
-        print(one_line(check.value[1]), file=out)
         warning = workers_warning(authorized.service)
-        if warning:
-            print(warning, file=out)
+        for line in check.value[1] + ([warning] if warning else []):
+            print(one_line(line), file=out)
     return 0 if all(check.value[0] for check in checks) else 1
 
 
@@ -60,15 +61,30 @@ def _never_listen(port: int) -> socket.socket:
     raise AssertionError("--check listens on nothing")
 
 
-def check_service(authorized: Authorized) -> tuple[bool, str]:
-    """Resolve the service's target and connect to it: (passed, the line saying so)."""
+def check_service(authorized: Authorized) -> tuple[bool, list[str]]:
+    """Resolve the service's target and connect to it: (passed, the line saying so and its notes)."""
     target, service = authorized.target, authorized.service
+    notes = [] if service.from_cids is None else \
+        [f"     only from CIDs {', '.join(str(cid) for cid in sorted(service.from_cids))}"]
     if target is None:
-        return True, f"ok   {service} (each request's target is checked against the allowlist when it comes)"
+        return True, [f"ok   {service} (each request's target is checked against the allowlist when it comes)",
+                      *notes]
     try:
-        endpoints = authorized.route.endpoints()
+        screened = target.screen(authorized.resolver)
     except OSError as exc:  # ResolveError: no address, or none that the allowlist still admits
-        return False, f"FAIL {service}: {exc}"
+        return False, [f"FAIL {service}: {exc}", *notes]
+    if target.screens_addresses:
+        notes += [f"     address {endpoint}: " + ("may be used" if refusal is None else f"refused: {refusal.reason}")
+                  for endpoint, refusal in screened]
+    endpoints = [endpoint for endpoint, refusal in screened if refusal is None]
+    if not endpoints:
+        return False, [f"FAIL {service}: every address of {target} is refused", *notes]
+    passed, line = _connect_any(service, target, endpoints)
+    return passed, [line, *notes]
+
+
+def _connect_any(service: Service, target: Target, endpoints: list[Endpoint]) -> tuple[bool, str]:
+    """Connect to the first of ``endpoints`` that accepts: (passed, the service's line)."""
     failures = []
     for endpoint in endpoints:
         started = time.monotonic()

@@ -100,6 +100,8 @@ class Seconds:
 VSOCK_PORT = WholeNumber(1, MAX_VSOCK_PORT)
 TCP_PORT = WholeNumber(1, 65535)
 NUM_WORKERS = WholeNumber(1, 1_000_000)
+#: An enclave's vsock CID: 0 is the hypervisor's and 0xFFFFFFFF means "any"; 1 is the local CID (vsock_loopback).
+CID = WholeNumber(1, 0xFFFFFFFE)
 PROCESSES = WholeNumber(1, 1024)
 CONNECT_TIMEOUT = Seconds(zero_ok=False)
 IDLE_TIMEOUT = Seconds(zero_ok=True)
@@ -148,6 +150,7 @@ class ServiceEntry:
     mode: str = FIXED
     verify_sni: bool = False
     handshake_timeout: float | None = None
+    from_cids: frozenset[int] | None = None  # None: any enclave
 
     def __str__(self) -> str:
         return _describe(self.listen_port, self.mode, self.address, self.port)
@@ -201,6 +204,7 @@ class Service:
     mode: str = FIXED
     verify_sni: bool = False
     handshake_timeout: float = 10.0
+    from_cids: frozenset[int] | None = None  # None: any enclave
 
     def __str__(self) -> str:
         return _describe(self.listen_port, self.mode, self.address, self.port)
@@ -246,7 +250,8 @@ def _decide(entry: ServiceEntry, defaults: Defaults) -> Service:
                    connect_timeout=either(entry.connect_timeout, defaults.connect_timeout),
                    idle_timeout=either(entry.idle_timeout, defaults.idle_timeout),
                    mode=entry.mode, verify_sni=entry.verify_sni,
-                   handshake_timeout=either(entry.handshake_timeout, defaults.handshake_timeout))
+                   handshake_timeout=either(entry.handshake_timeout, defaults.handshake_timeout),
+                   from_cids=entry.from_cids)
 
 
 def _family(ipv4: bool, ipv6: bool) -> int | None:
@@ -372,9 +377,10 @@ def parse_document(document: Any, source: str) -> FileConfig:
         raise ConfigError(f"{source}: file is empty; expected an 'allowlist' list")
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping with an 'allowlist' key, found {_kind(document)}")
-    unknown = [key for key in document if key not in ("allowlist", "services")]
+    unknown = [key for key in document if key not in ("allowlist", "deny", "services")]
     if unknown:
-        raise ConfigError(f"{source}: unknown key {short_repr(unknown[0])}; expected 'allowlist' and optionally 'services'")
+        raise ConfigError(f"{source}: unknown key {short_repr(unknown[0])}; expected 'allowlist' and optionally "
+                          f"'deny' and 'services'")
     entries = document.get("allowlist")
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: 'allowlist' must be a list of {{address, port}} entries, "
@@ -383,7 +389,7 @@ def parse_document(document: Any, source: str) -> FileConfig:
         raise ConfigError(f"{source}: {len(entries)} allowlist entries, more than the {MAX_ENTRIES} allowed")
     port_lists: dict[int, frozenset[int]] = {}
     allowlist = Allowlist(tuple(_parse_rule(entry, f"{source}: allowlist entry {index}", port_lists)
-                                for index, entry in enumerate(entries, 1)), source)
+                                for index, entry in enumerate(entries, 1)), source, _parse_deny(document, source))
     services = document.get("services", [])
     if not isinstance(services, list):
         raise ConfigError(f"{source}: 'services' must be a list, found {_kind(services)}")
@@ -400,7 +406,7 @@ def parse_document(document: Any, source: str) -> FileConfig:
 
 
 _SERVICE_KEYS = ("listen_port", "mode", "address", "port", "num_workers", "ipv4", "ipv6", "connect_timeout",
-                 "idle_timeout", "handshake_timeout", "verify_sni")
+                 "idle_timeout", "handshake_timeout", "verify_sni", "from_cids")
 #: Which of address and port each mode takes: True required, False refused.
 _TARGET_KEYS = {FIXED: {"address": True, "port": True}, "http-connect": {"address": False, "port": False},
                 "socks5": {"address": False, "port": False}, "sni": {"address": False, "port": True}}
@@ -449,7 +455,21 @@ def _parse_service(entry: Any, where: str) -> ServiceEntry:
         mode=mode,
         verify_sni=entry.get("verify_sni", False),
         handshake_timeout=optional("handshake_timeout", lambda v, w: _yaml_seconds(v, HANDSHAKE_TIMEOUT, w)),
+        from_cids=_parse_cids(entry["from_cids"], f"{where}: from_cids") if "from_cids" in entry else None,
     )
+
+
+def _parse_cids(value: Any, where: str) -> frozenset[int]:
+    """A service's ``from_cids``: a non-empty list of distinct enclave CIDs."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of enclave CIDs, found {_kind(value)}")
+    cids: set[int] = set()
+    for item in value:
+        cid = _yaml_integer(item, CID, f"{where}: CID")
+        if cid in cids:
+            raise ConfigError(f"{where} lists CID {cid} twice")
+        cids.add(cid)
+    return frozenset(cids)
 
 
 def _yaml_integer(value: Any, valid: WholeNumber, where: str) -> int:
@@ -474,9 +494,10 @@ def _yaml_seconds(value: Any, valid: Seconds, where: str) -> float:
 def _parse_rule(entry: Any, where: str, port_lists: dict[int, frozenset[int]]) -> Rule:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a mapping with 'address' and 'port', found {_kind(entry)}")
-    unknown = [key for key in entry if key not in ("address", "port")]
+    unknown = [key for key in entry if key not in ("address", "port", "allow_internal")]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {short_repr(unknown[0])}; expected 'address' and 'port'")
+        raise ConfigError(f"{where}: unknown key {short_repr(unknown[0])}; expected 'address', 'port' "
+                          f"and optionally 'allow_internal'")
     for key in ("address", "port"):
         if key not in entry:
             raise ConfigError(f"{where}: missing '{key}'")
@@ -484,10 +505,35 @@ def _parse_rule(entry: Any, where: str, port_lists: dict[int, frozenset[int]]) -
     address = entry["address"]
     if not isinstance(address, str):
         raise ConfigError(f"{where}: address must be a string, found {_kind(address)}")
+    allow_internal = entry.get("allow_internal", False)
+    if not isinstance(allow_internal, bool):
+        raise ConfigError(f"{where}: allow_internal must be true or false, found {_kind(allow_internal)}")
+    if allow_internal and not address.startswith("*."):
+        raise ConfigError(f"{where}: allow_internal applies to wildcard (*.) entries only: exact names and "
+                          f"IP or CIDR entries may reach internal addresses anyway")
     try:
-        return rule_for(address, ports)
+        return rule_for(address, ports, allow_internal)
     except (HostError, ValueError) as exc:
         raise ConfigError(f"{where}: bad address: {exc}") from None
+
+
+def _parse_deny(document: dict, source: str) -> tuple[Rule, ...]:
+    """The optional top-level ``deny:`` list: IPs, CIDRs, exact names and ``*.`` names, as strings."""
+    entries = document.get("deny", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: 'deny' must be a list of addresses, CIDRs and names, found {_kind(entries)}")
+    if len(entries) > MAX_ENTRIES:
+        raise ConfigError(f"{source}: {len(entries)} deny entries, more than the {MAX_ENTRIES} allowed")
+    rules = []
+    for index, address in enumerate(entries, 1):
+        if not isinstance(address, str):
+            raise ConfigError(f"{source}: deny entry {index} must be a string (an address, a CIDR or a name), "
+                              f"found {_kind(address)}")
+        try:
+            rules.append(rule_for(address, frozenset()))
+        except (HostError, ValueError) as exc:
+            raise ConfigError(f"{source}: deny entry {index}: bad address: {exc}") from None
+    return tuple(rules)
 
 
 def _parse_ports(value: Any, where: str, port_lists: dict[int, frozenset[int]]) -> frozenset[int]:

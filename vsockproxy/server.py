@@ -33,6 +33,8 @@ from vsockproxy.routing import (HandshakeTimeout, answer, answer_and_close, clie
 
 log = logging.getLogger("vsockproxy")
 
+#: The connections_failed reason of a connection from an enclave the service's from_cids does not list.
+WRONG_CID = "cid-not-allowed"
 #: SO_LINGER on with a zero timeout: close() sends a reset instead of a FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -43,11 +45,19 @@ class Admission:
 
     target: str                                 # host:port
     allowed_by: str                             # the allowlist entry, as the file spells it
-    endpoints: Callable[[], list[Endpoint]]     # raises ResolveError
+    endpoints: Callable[[], list[Endpoint]]     # raises ResolveError, or NotAdmitted if every address is refused
 
 
 class NotAdmitted(Exception):
-    """The allowlist does not admit a requested target; the message says why."""
+    """The allowlist does not admit a requested target (or any of its addresses); the message says why.
+
+    ``outcome`` names the rule that refused it, for the metrics: not-allowed, denied, internal-address.
+    """
+
+    def __init__(self, message: str, outcome: str = NOT_ALLOWED, allowed_by: str = "") -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.allowed_by = allowed_by
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ class Route:
     admit: Callable[[str, int], Admission] | None = None  # raises NotAdmitted
     handshake_timeout: float = 10.0
     verify_sni: bool = False
+    from_cids: frozenset[int] | None = None  # the enclaves that may connect; None: any
 
 
 class ConnectError(Exception):
@@ -109,6 +120,14 @@ class VsockProxyServer(AcceptingServer):
         started = time.monotonic()
         metrics = self.metrics
         metrics.opened()
+        if route.from_cids is not None and _peer_cid(address) not in route.from_cids:
+            # Before anything is read or connected: another enclave's connection costs nothing more.
+            cid = _peer_cid(address)
+            log.warning("refused enclave=%s %s: %s in the service's from_cids (%s)", peer, _subject(route),
+                        "not a vsock peer, so not" if cid is None else f"CID {cid} is not",
+                        ", ".join(str(cid) for cid in sorted(route.from_cids)))
+            metrics.closed(WRONG_CID)
+            return
         try:
             if route.parser is None:
                 upstream, endpoint = _connect_fixed(route)
@@ -168,9 +187,12 @@ class VsockProxyServer(AcceptingServer):
             admission = route.admit(outcome.host, outcome.port)
         except NotAdmitted as exc:
             answer_and_close(enclave, parser.reply(NOT_ALLOWED), deadline)
-            raise Refused(f"request={requested}: {exc}", "not-allowed", NOT_ALLOWED) from None
+            raise Refused(f"request={requested}: {exc}", exc.outcome, exc.outcome, exc.allowed_by) from None
         try:
             upstream, endpoint = _connect(admission.endpoints, route.connect_timeout)
+        except NotAdmitted as exc:  # every address it has now is refused
+            answer_and_close(enclave, parser.reply(NOT_ALLOWED), deadline + route.connect_timeout)
+            raise Refused(f"request={requested}: {exc}", exc.outcome, exc.outcome, admission.allowed_by) from None
         except ResolveError as exc:
             answer_and_close(enclave, parser.reply(UNREACHABLE), deadline + route.connect_timeout)
             raise Refused(f"request={requested}: {exc}", "dns", UNREACHABLE, admission.allowed_by) from None
@@ -275,10 +297,19 @@ def _connect_fixed(route: Route) -> tuple[socket.socket, Endpoint]:
     """Connect to a fixed route's target; raises Refused."""
     try:
         return _connect(route.endpoints, route.connect_timeout)
+    except NotAdmitted as exc:
+        raise Refused(str(exc), exc.outcome, exc.outcome) from None
     except ResolveError as exc:
         raise Refused(str(exc), "dns", UNREACHABLE) from None
     except ConnectError as exc:
         raise Refused(str(exc), "connect", exc.outcome) from None
+
+
+def _peer_cid(address: object) -> int | None:
+    """The CID of a vsock peer address ``(cid, port)``; None for any other kind (a TCP peer's host is a str)."""
+    if isinstance(address, tuple) and address and isinstance(address[0], int):
+        return address[0]
+    return None
 
 
 def _connect(endpoints: Callable[[], list[Endpoint]], timeout: float) -> tuple[socket.socket, Endpoint]:

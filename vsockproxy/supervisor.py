@@ -33,7 +33,7 @@ from vsockproxy.loader import load_file_in_child
 from vsockproxy.metrics import Metrics, ServiceMetrics
 from vsockproxy.metrics_server import MetricsServer, metrics_listener
 from vsockproxy.notify import Notifier
-from vsockproxy.resolver import Resolver
+from vsockproxy.resolver import Endpoint, ResolveError, Resolver
 from vsockproxy.server import Admission, NotAdmitted, Route, VsockProxyServer
 from vsockproxy.sni import SniParser
 from vsockproxy.socks5 import Socks5Parser
@@ -106,10 +106,11 @@ class Supervisor:
                 continue
             try:
                 target = config.allowlist.authorize(service.address, service.port, resolver)
+                _refuse_if_no_address_may_be_used(target, resolver)
             except NotAllowed as exc:
-                raise NotAllowed(f"{service}: {exc}") from None
-            route = Route(str(target), partial(target.endpoints, resolver), service.connect_timeout,
-                          service.idle_timeout)
+                raise NotAllowed(f"{service}: {exc}", exc.rule, exc.allowed_by) from None
+            route = Route(str(target), partial(_screened_endpoints, target, resolver), service.connect_timeout,
+                          service.idle_timeout, from_cids=service.from_cids)
             authorized[service.listen_port] = Authorized(service, target, resolver, route)
         return authorized
 
@@ -375,12 +376,33 @@ def _request_route(service: Service, allowlist: Allowlist, resolver: Resolver) -
         try:
             target = allowlist.authorize(host, port, resolver, by_address=False)
         except NotAllowed as exc:
-            raise NotAdmitted(str(exc)) from None
-        return Admission(str(target), str(target.allowed_by), partial(target.endpoints, resolver))
+            raise NotAdmitted(str(exc), exc.rule, exc.allowed_by) from None
+        return Admission(str(target), str(target.allowed_by), partial(_screened_endpoints, target, resolver))
 
     return Route(service.mode, None, service.connect_timeout, service.idle_timeout, mode=service.mode,
                  parser=_PARSERS[service.mode](service), admit=admit,
-                 handshake_timeout=service.handshake_timeout, verify_sni=service.verify_sni)
+                 handshake_timeout=service.handshake_timeout, verify_sni=service.verify_sni,
+                 from_cids=service.from_cids)
+
+
+def _screened_endpoints(target: Target, resolver: Resolver) -> list[Endpoint]:
+    """The addresses a connection to ``target`` may try now, screened afresh each time (no DNS rebinding)."""
+    try:
+        return target.endpoints(resolver)
+    except NotAllowed as exc:
+        raise NotAdmitted(str(exc), exc.rule, exc.allowed_by) from None
+
+
+def _refuse_if_no_address_may_be_used(target: Target, resolver: Resolver) -> None:
+    """At start-up (and reload), NotAllowed for a fixed target whose every address is denied or internal.
+
+    A name that does not resolve yet may start: each connection resolves and screens again.
+    """
+    if target.screens_addresses:
+        try:
+            target.endpoints(resolver)
+        except ResolveError:
+            pass
 
 
 def _connections_waiting(listener: socket.socket) -> bool:
