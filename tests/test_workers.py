@@ -523,3 +523,121 @@ def test_ready_when_every_worker_accepts_and_status_counts_every_worker_s_connec
         message = next_message()
     assert message == "STOPPING=1\nSTATUS=draining 0 connection(s)"
     assert proxy.finish() == 0
+
+
+# --------------------------------------------------------------------------- a storm of SIGHUPs
+
+def descendants_of(pid: int) -> set[int]:
+    """Every process below ``pid``: its children, theirs, and so on (from /proc)."""
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = set().union(*(children_of(parent_pid) for parent_pid in frontier)) - found
+        found |= frontier
+    return found
+
+
+class EchoLoad:
+    """Clients that echo through the proxy over and over, each byte checked, until stopped."""
+
+    def __init__(self, address: tuple[str, int], clients: int = 4) -> None:
+        self.address = address
+        self.rounds = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(seed,)) for seed in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, seed: int) -> None:
+        payload = bytes((seed + i) % 251 for i in range(4096))
+        while not self._stop.is_set():
+            try:
+                got = echo_once(self.address, payload)
+            except OSError as exc:
+                self.failures.append(repr(exc))
+                continue
+            if got != payload:
+                self.failures.append(f"{len(got)} byte(s) back, not the {len(payload)} sent")
+            self.rounds += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+def test_a_storm_of_sighups_under_load_never_makes_a_worker_act_as_the_parent(parent, echo_target, tmp_path):
+    """30 SIGHUPs in 3 s with echo load and scrapes: generation after generation, and no worker forks.
+
+    Fails on the original code: a new worker that wakes a sibling's watcher (pending at the fork)
+    runs the parent's reap and fork: the same exit logged again and again ("status unknown": not
+    its child), grandchildren, "internal error" lines, backoffs of many seconds.
+    """
+    metrics_address = ("127.0.0.1", unused_tcp_port())
+    config = config_file(tmp_path, echo_target.port)
+    proxy = parent(["--processes", "2", "--metrics-address", "%s:%d" % metrics_address,
+                    "5005", "127.0.0.1", str(echo_target.port), "--config", str(config)])
+    address = proxy.address(5005)
+    proxy.wait_ready()
+    proxy.wait_workers(2)
+    load = EchoLoad(address)
+    scrapes: list[str] = []
+    scraping = threading.Event()
+
+    def scrape_repeatedly() -> None:
+        while not scraping.is_set():
+            try:
+                scrape(metrics_address, timeout=10)
+            except (OSError, AssertionError) as exc:
+                scrapes.append(repr(exc))
+            time.sleep(0.05)
+
+    scraper = threading.Thread(target=scrape_repeatedly)
+    scraper.start()
+    try:
+        for _ in range(30):
+            proxy.signal(signal.SIGHUP)
+            time.sleep(0.1)
+        wait_until(lambda: len(descendants_of(proxy.pid)) == 2, 10, "parent + 2 processes")
+        settled = time.monotonic()
+        while time.monotonic() - settled < 2:  # and it stays so: no late generation or respawn
+            assert descendants_of(proxy.pid) == proxy.workers(), "grandchildren"
+            assert len(proxy.workers()) <= 3, proxy.workers()  # a loader child at most
+            time.sleep(0.1)
+        assert len(proxy.workers()) == 2
+    finally:
+        load.stop()
+        scraping.set()
+        scraper.join(timeout=30)
+    assert load.rounds > 0 and not load.failures, load.failures[:5]
+    assert not scrapes, scrapes[:5]
+    assert echo_once(address) == b"ping"
+    proxy.signal(signal.SIGTERM)
+    assert proxy.finish(timeout=30) == 0
+    exits = [re.search(r"worker PID (\d+) exited", line).group(1) for line in proxy.lines if " exited (" in line]
+    assert len(exits) == len(set(exits)), [line for line in proxy.lines if " exited (" in line]
+    assert not [line for line in proxy.lines if "starting a new one" in line or "internal error" in line]
+    assert_clean_log(proxy)
+
+
+def test_sighups_that_come_while_a_reload_is_pending_or_running_fold_into_one_more(parent, echo_target, tmp_path):
+    """30 SIGHUPs at once are one reload and one more at most, not 30 generations one after another.
+
+    Fails on the original code: every SIGHUP queues a reload of its own.
+    """
+    config = config_file(tmp_path, echo_target.port)
+    proxy = parent(["--processes", "2", "5005", "127.0.0.1", str(echo_target.port), "--config", str(config)])
+    address = proxy.address(5005)
+    proxy.wait_ready()
+    proxy.wait_workers(2)
+    for _ in range(30):
+        proxy.signal(signal.SIGHUP)
+    proxy.wait_for("reload applied")
+    wait_until(lambda: len(descendants_of(proxy.pid)) == 2, 10, "parent + 2 processes")
+    time.sleep(2)  # a reload queued behind would have started by now
+    assert len(proxy.workers()) == 2
+    assert echo_once(address) == b"ping"
+    proxy.signal(signal.SIGTERM)
+    assert proxy.finish(timeout=30) == 0
+    assert 1 <= len([line for line in proxy.lines if "reload applied" in line]) <= 2, proxy.lines
+    assert_clean_log(proxy)
