@@ -527,13 +527,49 @@ def test_ready_when_every_worker_accepts_and_status_counts_every_worker_s_connec
 
 # --------------------------------------------------------------------------- a storm of SIGHUPs
 
-def descendants_of(pid: int) -> set[int]:
-    """Every process below ``pid``: its children, theirs, and so on (from /proc)."""
-    found, frontier = set(), {pid}
+def process_tree(pid: int) -> dict[int, int]:
+    """Every process below ``pid`` (its children, theirs, and so on), each with its parent, from one /proc scan."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rpartition(")")[2].split()[1])
+            except OSError:  # gone meanwhile
+                continue
+    tree: dict[int, int] = {}
+    frontier = {pid}
     while frontier:
-        frontier = set().union(*(children_of(parent_pid) for parent_pid in frontier)) - found
-        found |= frontier
-    return found
+        frontier = {child for child, parent in parents.items() if parent in frontier and child not in tree}
+        tree.update((child, parents[child]) for child in frontier)
+    return tree
+
+
+class StormWatch:
+    """Samples the process tree below ``pid`` until it settles: the same two workers, and nothing else, for
+    ``quiet`` seconds.  Any grandchild seen on the way is kept."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.grandchildren: set[int] = set()
+
+    def sample(self) -> dict[int, int]:
+        tree = process_tree(self.pid)
+        self.grandchildren |= {child for child, parent in tree.items() if parent != self.pid}
+        return tree
+
+    def settle(self, timeout: float, quiet: float = 2.0) -> float:
+        """Seconds until the tree was two workers that then stayed; fails after ``timeout``."""
+        began = time.monotonic()
+        steady, since = None, began
+        while time.monotonic() - began < timeout:
+            workers = set(self.sample())
+            if len(workers) != 2 or workers != steady:
+                steady, since = (workers if len(workers) == 2 else None), time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return since - began
+            time.sleep(0.05)
+        raise AssertionError(f"the process tree did not settle to 2 workers within {timeout}s: {process_tree(self.pid)}")
 
 
 class EchoLoad:
@@ -594,17 +630,14 @@ def test_a_storm_of_sighups_under_load_never_makes_a_worker_act_as_the_parent(pa
 
     scraper = threading.Thread(target=scrape_repeatedly)
     scraper.start()
+    watch = StormWatch(proxy.pid)
     try:
         for _ in range(30):
             proxy.signal(signal.SIGHUP)
+            watch.sample()
             time.sleep(0.1)
-        wait_until(lambda: len(descendants_of(proxy.pid)) == 2, 10, "parent + 2 processes")
-        settled = time.monotonic()
-        while time.monotonic() - settled < 2:  # and it stays so: no late generation or respawn
-            assert descendants_of(proxy.pid) == proxy.workers(), "grandchildren"
-            assert len(proxy.workers()) <= 3, proxy.workers()  # a loader child at most
-            time.sleep(0.1)
-        assert len(proxy.workers()) == 2
+        assert watch.settle(timeout=10) < 5  # no generations queued behind, no respawns
+        assert not watch.grandchildren
     finally:
         load.stop()
         scraping.set()
@@ -633,9 +666,7 @@ def test_sighups_that_come_while_a_reload_is_pending_or_running_fold_into_one_mo
     for _ in range(30):
         proxy.signal(signal.SIGHUP)
     proxy.wait_for("reload applied")
-    wait_until(lambda: len(descendants_of(proxy.pid)) == 2, 10, "parent + 2 processes")
-    time.sleep(2)  # a reload queued behind would have started by now
-    assert len(proxy.workers()) == 2
+    StormWatch(proxy.pid).settle(timeout=10)  # a reload queued behind would start within its quiet time
     assert echo_once(address) == b"ping"
     proxy.signal(signal.SIGTERM)
     assert proxy.finish(timeout=30) == 0

@@ -18,7 +18,7 @@ import pytest
 from tests.e2e.vsock import IO_TIMEOUT, free_vsock_port, recv_all, recv_exactly, refused, vsock_connect
 from tests.helpers import children_of, echo, fetch_pattern, pattern, scrape, streaming, unused_tcp_port, wait_until
 from tests.test_faults import socket_fd_count
-from tests.test_workers import descendants_of
+from tests.test_workers import StormWatch
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
 
@@ -206,23 +206,19 @@ def test_a_storm_of_sighups_under_load_folds_and_no_worker_acts_as_the_parent(pr
     threads.append(threading.Thread(target=scrapes))
     for thread in threads:
         thread.start()
+    watch = StormWatch(process.proc.pid)
     try:
         for _ in range(30):
             process.signal(signal.SIGHUP)
+            watch.sample()
             time.sleep(0.1)
-        stormed = time.monotonic()
-        wait_until(lambda: len(descendants_of(process.proc.pid)) == 2, IO_TIMEOUT, "parent + 2 processes")
-        settled_after = time.monotonic() - stormed
-        quiet = time.monotonic()
-        while time.monotonic() - quiet < 5:  # and it stays so: no generation queued behind, no respawn
-            assert descendants_of(process.proc.pid) == children_of(process.proc.pid), "grandchildren"
-            assert len(children_of(process.proc.pid)) <= 3  # a loader child at most
-            time.sleep(0.2)
+        settled_after = watch.settle(timeout=IO_TIMEOUT, quiet=5)  # no generation queued behind, no respawn
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=IO_TIMEOUT)
     assert rounds and not failures, failures[:5]
+    assert not watch.grandchildren
     assert settled_after < 20, settled_after
     assert serves(port)
     assert process.stop() == 0, process.text()
