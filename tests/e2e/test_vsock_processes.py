@@ -208,10 +208,11 @@ def test_a_storm_of_sighups_under_load_folds_and_no_worker_acts_as_the_parent(pr
         thread.start()
     watch = StormWatch(process.proc.pid)
     try:
-        for _ in range(30):
+        began = time.monotonic()
+        for _ in range(30):  # nothing else in this loop: the storm must last 3 s, even under TCG
             process.signal(signal.SIGHUP)
-            watch.sample()
             time.sleep(0.1)
+        stormed = time.monotonic() - began
         settled_after = watch.settle(timeout=IO_TIMEOUT, quiet=5)  # no generation queued behind, no respawn
     finally:
         stop.set()
@@ -224,7 +225,7 @@ def test_a_storm_of_sighups_under_load_folds_and_no_worker_acts_as_the_parent(pr
     assert process.stop() == 0, process.text()
     lines = process.lines
     applied = [line for line in lines if "reload applied" in line]
-    assert 1 <= len(applied) <= 10, len(applied)  # about one per second of storm, and one more
+    assert 1 <= len(applied) <= 10, (len(applied), stormed)  # about one per second of storm, and one more
     exits = [re.search(r"worker PID (\d+) exited", line).group(1) for line in lines if " exited (" in line]
     assert len(exits) == len(set(exits)), [line for line in lines if " exited (" in line]
     assert not [line for line in lines if "starting a new one" in line or "internal error" in line
