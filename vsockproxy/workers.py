@@ -229,6 +229,7 @@ class Workers:
                 self._fork(generation, index)
 
     def _on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT drain (a second one ends connections), SIGHUP asks for a reload, SIGUSR1 logs."""
         if signum in (signal.SIGTERM, signal.SIGINT):
             if self._stopping.is_set():
                 self.kill_connections()
@@ -236,12 +237,10 @@ class Workers:
         elif signum == signal.SIGHUP:
             if self._stopping.is_set():
                 log.warning("reload refused: shutting down")
-            elif self._current is None or not self._current.ready.is_set():
-                if not self._reload_requested:
-                    log.info("reload requested while starting: reloading once started")
-                self._reload_requested = True
-            else:
-                self._reload_requested = True  # one more reload, however many signals come meanwhile
+                return
+            if (self._current is None or not self._current.ready.is_set()) and not self._reload_requested:
+                log.info("reload requested while starting: reloading once started")
+            self._reload_requested = True  # one more reload, however many signals come meanwhile
         elif signum == signal.SIGUSR1:
             self._greenlets.spawn(self._log_summary)
 
