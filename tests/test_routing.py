@@ -321,6 +321,46 @@ def test_verify_sni_lets_a_matching_client_hello_and_a_non_tls_stream_through(ro
         assert recv_exactly(client, 10) == b"plain text"
 
 
+BANNER = b"220 smtp.example ESMTP ready\r\n"
+
+
+def banner_then_echo(sock) -> None:
+    """A target that speaks first, as SMTP and SSH servers do, then echoes."""
+    sock.sendall(BANNER)
+    echo(sock)
+
+
+def test_verify_sni_beside_a_target_that_speaks_first_relays_its_banner_and_still_checks(routed, tcp_target,
+                                                                                        caplog):
+    """The target's banner reaches the enclave while the check waits for the enclave's first bytes.
+
+    Fails on the original code: nothing flows until the enclave speaks, so a client waiting for
+    the banner waits until the handshake timeout closes the connection.
+    """
+    speaker = tcp_target(banner_then_echo)
+    (address,), _, supervisor = routed(["mode: http-connect, verify_sni: true"],
+                                       extra_allowlist=f"- {{address: localhost, port: {speaker.port}}}\n")
+    request = f"CONNECT localhost:{speaker.port} HTTP/1.1\r\n\r\n".encode()
+    with connect(address) as client:
+        client.sendall(request)
+        assert http_response_head(client) == HTTP_200
+        client.settimeout(3)  # well within the handshake timeout (10 s)
+        assert recv_exactly(client, len(BANNER)) == BANNER
+        client.sendall(b"EHLO enclave\r\n")  # not TLS: it goes on as it is
+        assert recv_exactly(client, 14) == b"EHLO enclave\r\n"
+    closed = log_line(caplog, f"closed enclave=.*request=localhost:{speaker.port}")
+    assert f"up=14 down={len(BANNER) + 14} " in closed, closed
+    with connect(address) as client:  # after the banner, a ClientHello for another name is still refused
+        client.sendall(request)
+        assert http_response_head(client) == HTTP_200
+        client.settimeout(3)
+        assert recv_exactly(client, len(BANNER)) == BANNER
+        client.sendall(client_hello("evil.example"))
+        assert recv_all(client) == b""
+    assert "verify_sni" in log_line(caplog, "refused enclave=.*mode=http-connect")
+    assert requests_counted(supervisor, 9000)[(f"localhost:{speaker.port}", "http-connect", "sni-mismatch")] == 1.0
+
+
 # --------------------------------------------------------------------------- reload and mixed services
 
 def test_a_reload_applies_a_new_allowlist_to_the_next_request(routed, tmp_path):

@@ -338,3 +338,29 @@ def test_serve_leaves_signal_dispositions_as_it_found_them(in_process, tmp_path)
     assert not ignores(os.getpid(), signal.SIGHUP), "gevent's handler should be in place while serving"
     run.stop()
     assert ignores(os.getpid(), signal.SIGHUP) and ignores(os.getpid(), signal.SIGUSR1)
+
+
+def test_sighups_while_a_reload_waits_fold_into_one_more_reload(in_process, tmp_path):
+    """SIGHUPs that come while a reload is under way are one more reload, not one each.
+
+    The first reload waits on DNS while 30 more SIGHUPs come.  Fails on the original code:
+    each SIGHUP queues a reload of its own, and 31 are applied one after another.
+    """
+    target_port = unused_tcp_port()
+    config = tmp_path / "allowlist.yaml"
+    config.write_text(services_yaml(target_port, {5005: "127.0.0.1"}))
+    dns = HeldDNS({"slow.example": ["127.0.0.1"]}, held="slow.example")
+    run = in_process(config, dns)
+    run.wait_logged("listening on vsock port 5005")
+    config.write_text(services_yaml(target_port, {5005: "127.0.0.1", 5006: "slow.example"}))
+    os.kill(os.getpid(), signal.SIGHUP)
+    wait_until(lambda: dns.waited, 10, "the reload's look-up of slow.example")
+    for _ in range(30):
+        os.kill(os.getpid(), signal.SIGHUP)
+        gevent.sleep(0.01)  # each one handled before the next: the kernel folds only signals not yet handled
+    dns.release.set()
+    wait_until(lambda: len(run.logged("reload applied")) >= 2, 10, "the reload and one more")
+    gevent.sleep(1)  # a third reload, wrongly queued, would be applied by now
+    run.stop()
+    assert len(run.logged("reload applied")) == 2, run.messages()
+    assert len(run.logged("reload: listening on vsock port 5006")) == 1, run.messages()

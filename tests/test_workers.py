@@ -523,3 +523,152 @@ def test_ready_when_every_worker_accepts_and_status_counts_every_worker_s_connec
         message = next_message()
     assert message == "STOPPING=1\nSTATUS=draining 0 connection(s)"
     assert proxy.finish() == 0
+
+
+# --------------------------------------------------------------------------- a storm of SIGHUPs
+
+def process_tree(pid: int) -> dict[int, int]:
+    """Every process below ``pid`` (its children, theirs, and so on), each with its parent, from one /proc scan."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rpartition(")")[2].split()[1])
+            except OSError:  # gone meanwhile
+                continue
+    tree: dict[int, int] = {}
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier and child not in tree}
+        tree.update((child, parents[child]) for child in frontier)
+    return tree
+
+
+class StormWatch:
+    """Samples the process tree below ``pid`` until it settles: the same two workers, and nothing else, for
+    ``quiet`` seconds.  Any grandchild seen on the way is kept."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.grandchildren: set[int] = set()
+
+    def sample(self) -> dict[int, int]:
+        tree = process_tree(self.pid)
+        self.grandchildren |= {child for child, parent in tree.items() if parent != self.pid}
+        return tree
+
+    def settle(self, timeout: float, quiet: float = 2.0) -> float:
+        """Seconds until the tree was two workers that then stayed; fails after ``timeout``."""
+        began = time.monotonic()
+        steady, since = None, began
+        while time.monotonic() - began < timeout:
+            workers = set(self.sample())
+            if len(workers) != 2 or workers != steady:
+                steady, since = (workers if len(workers) == 2 else None), time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return since - began
+            time.sleep(0.05)
+        raise AssertionError(f"the process tree did not settle to 2 workers within {timeout}s: {process_tree(self.pid)}")
+
+
+class EchoLoad:
+    """Clients that echo through the proxy over and over, each byte checked, until stopped."""
+
+    def __init__(self, address: tuple[str, int], clients: int = 4) -> None:
+        self.address = address
+        self.rounds = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(seed,)) for seed in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, seed: int) -> None:
+        payload = bytes((seed + i) % 251 for i in range(4096))
+        while not self._stop.is_set():
+            try:
+                got = echo_once(self.address, payload)
+            except OSError as exc:
+                self.failures.append(repr(exc))
+                continue
+            if got != payload:
+                self.failures.append(f"{len(got)} byte(s) back, not the {len(payload)} sent")
+            self.rounds += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+def test_a_storm_of_sighups_under_load_never_makes_a_worker_act_as_the_parent(parent, echo_target, tmp_path):
+    """30 SIGHUPs in 3 s with echo load and scrapes: generation after generation, and no worker forks.
+
+    Fails on the original code: a new worker that wakes a sibling's watcher (pending at the fork)
+    runs the parent's reap and fork: the same exit logged again and again ("status unknown": not
+    its child), grandchildren, "internal error" lines, backoffs of many seconds.
+    """
+    metrics_address = ("127.0.0.1", unused_tcp_port())
+    config = config_file(tmp_path, echo_target.port)
+    proxy = parent(["--processes", "2", "--metrics-address", "%s:%d" % metrics_address,
+                    "5005", "127.0.0.1", str(echo_target.port), "--config", str(config)])
+    address = proxy.address(5005)
+    proxy.wait_ready()
+    proxy.wait_workers(2)
+    load = EchoLoad(address)
+    scrapes: list[str] = []
+    scraping = threading.Event()
+
+    def scrape_repeatedly() -> None:
+        while not scraping.is_set():
+            try:
+                scrape(metrics_address, timeout=10)
+            except (OSError, AssertionError) as exc:
+                scrapes.append(repr(exc))
+            time.sleep(0.05)
+
+    scraper = threading.Thread(target=scrape_repeatedly)
+    scraper.start()
+    watch = StormWatch(proxy.pid)
+    try:
+        for _ in range(30):
+            proxy.signal(signal.SIGHUP)
+            watch.sample()
+            time.sleep(0.1)
+        assert watch.settle(timeout=10) < 5  # no generations queued behind, no respawns
+        assert not watch.grandchildren
+    finally:
+        load.stop()
+        scraping.set()
+        scraper.join(timeout=30)
+    assert load.rounds > 0 and not load.failures, load.failures[:5]
+    assert not scrapes, scrapes[:5]
+    assert echo_once(address) == b"ping"
+    proxy.signal(signal.SIGTERM)
+    assert proxy.finish(timeout=30) == 0
+    exits = [re.search(r"worker PID (\d+) exited", line).group(1) for line in proxy.lines if " exited (" in line]
+    assert len(exits) == len(set(exits)), [line for line in proxy.lines if " exited (" in line]
+    assert not [line for line in proxy.lines if "starting a new one" in line or "internal error" in line]
+    assert_clean_log(proxy)
+
+
+def test_sighups_that_come_while_a_reload_is_pending_or_running_fold_into_one_more(parent, echo_target, tmp_path):
+    """30 SIGHUPs at once are one reload and one more at most, not 30 generations one after another.
+
+    Fails on the original code: every SIGHUP queues a reload of its own.
+    """
+    config = config_file(tmp_path, echo_target.port)
+    proxy = parent(["--processes", "2", "5005", "127.0.0.1", str(echo_target.port), "--config", str(config)])
+    address = proxy.address(5005)
+    proxy.wait_ready()
+    proxy.wait_workers(2)
+    for _ in range(30):
+        proxy.signal(signal.SIGHUP)
+    proxy.wait_for("reload applied")
+    StormWatch(proxy.pid).settle(timeout=10)  # a reload queued behind would start within its quiet time
+    assert echo_once(address) == b"ping"
+    proxy.signal(signal.SIGTERM)
+    assert proxy.finish(timeout=30) == 0
+    assert 1 <= len([line for line in proxy.lines if "reload applied" in line]) <= 2, proxy.lines
+    assert_clean_log(proxy)

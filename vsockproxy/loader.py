@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-from typing import NoReturn
+from typing import Iterable, NoReturn
 
 import gevent
 import gevent.os
@@ -68,7 +68,7 @@ def _child(path: str, read_fd: int, write_fd: int) -> NoReturn:
     code = 1
     try:
         os.close(read_fd)
-        _close_inherited_fds(keep=write_fd)
+        close_inherited_fds([write_fd])
         for signum in _PARENT_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         try:
@@ -83,16 +83,18 @@ def _child(path: str, read_fd: int, write_fd: int) -> NoReturn:
         os._exit(code)
 
 
-def _close_inherited_fds(keep: int) -> None:
-    """Close the parent's sockets in the child: a connection the parent closes must end at once,
-    not when the child exits.  Without /proc they stay open (until the child exits), nothing worse."""
+def close_inherited_fds(keep: Iterable[int]) -> None:
+    """Close the parent's descriptors in a forked child, all but ``keep`` (and 0-2): a connection the
+    parent closes must end at once, not when the child exits.  Without /proc they stay open (until
+    the child exits), nothing worse."""
+    keep = set(keep)
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
         return
     for name in names:
         fd = int(name)
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:  # the listing's own directory fd, already closed

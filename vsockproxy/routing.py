@@ -12,6 +12,7 @@ import socket
 import time
 from typing import Union
 
+import gevent.select
 import gevent.socket
 
 from vsockproxy.handshake import MAX_REQUEST_BYTES, TOO_SLOW, Outcome, Parser, Refusal, Request
@@ -79,36 +80,82 @@ def answer_and_close(sock: socket.socket, data: bytes, deadline: float) -> None:
         pass
 
 
-def client_hello_check(sock: socket.socket, requested_host: str, early_data: bytes,
-                       deadline: float) -> tuple[str | None, bytes]:
+def client_hello_check(sock: socket.socket, target: socket.socket, requested_host: str, early_data: bytes,
+                       deadline: float) -> tuple[str | None, bytes, int]:
     """``verify_sni``: when the relayed stream starts with a TLS ClientHello, its name must be the one requested.
 
-    Returns a reason to refuse (None when the stream may go on) and every byte read
-    so far, which the target gets first.  A stream that is not TLS goes on as it is.
+    Returns a reason to refuse (None when the stream may go on), every byte read so
+    far, which the target gets first, and how many bytes the target sent meanwhile:
+    they go on to the enclave at once (a server that speaks first, as SMTP's and SSH's
+    do, waits for nothing).  A stream that is not TLS goes on as it is.
     """
     parser = SniParser(0)
     read = early_data
     outcome: Outcome = parser.feed(early_data)[1] if early_data else None
+    meanwhile = _TargetFirst(target, sock)
     try:
         while outcome is None:
-            data = _recv(sock, MAX_REQUEST_BYTES + 1 - len(read), deadline)
+            data = meanwhile.recv(MAX_REQUEST_BYTES + 1 - len(read), deadline)
             if not data:
-                return "the enclave closed the connection inside its ClientHello", read
+                return "the enclave closed the connection inside its ClientHello", read, meanwhile.relayed
             read += data
             outcome = parser.feed(data)[1]
             if outcome is None and len(read) > MAX_REQUEST_BYTES:
-                return f"no complete ClientHello in {MAX_REQUEST_BYTES} bytes", read
+                return f"no complete ClientHello in {MAX_REQUEST_BYTES} bytes", read, meanwhile.relayed
     except HandshakeTimeout:
-        return "no complete ClientHello within the handshake timeout", read
+        return "no complete ClientHello within the handshake timeout", read, meanwhile.relayed
     except OSError as exc:
-        return f"the enclave's connection failed: {exc.strerror or exc}", read
+        return f"the enclave's connection failed: {exc.strerror or exc}", read, meanwhile.relayed
     if isinstance(outcome, Refusal):
         if outcome.outcome == NOT_TLS or (outcome.outcome == NO_SNI and parse_ip(requested_host) is not None):
-            return None, read  # not TLS at all; or no name to check, as for an address requested as such
-        return f"its ClientHello cannot be checked: {outcome.reason}", read
+            return None, read, meanwhile.relayed  # not TLS at all; or no name to check, as for an address as such
+        return f"its ClientHello cannot be checked: {outcome.reason}", read, meanwhile.relayed
     if _same_host(outcome.host, requested_host):
-        return None, read
-    return f"its ClientHello names {outcome.host!r}, not the requested {requested_host!r}", read
+        return None, read, meanwhile.relayed
+    return (f"its ClientHello names {outcome.host!r}, not the requested {requested_host!r}", read,
+            meanwhile.relayed)
+
+
+class _TargetFirst:
+    """Reads the enclave while passing on to it whatever the target sends first.
+
+    The target's bytes go out as they come and nothing of them is kept.  Once the
+    target's side ends or fails, it is left alone: the relay that follows finds out.
+    """
+
+    def __init__(self, target: socket.socket, enclave: socket.socket) -> None:
+        self.target = target
+        self.enclave = enclave
+        self.relayed = 0
+        self._target_done = False
+
+    def recv(self, size: int, deadline: float) -> bytes:
+        """The enclave's next bytes (b"" at its end); raises HandshakeTimeout, or OSError from the enclave."""
+        while True:
+            try:
+                return self.enclave.recv(size)
+            except BlockingIOError:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HandshakeTimeout()
+            watched = [self.enclave] if self._target_done else [self.enclave, self.target]
+            readable = gevent.select.select(watched, [], [], remaining)[0]
+            if self.target in readable:
+                self._pass_on(deadline)
+
+    def _pass_on(self, deadline: float) -> None:
+        try:
+            data = self.target.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._target_done = True
+            return
+        send_all(self.enclave, data, deadline)
+        self.relayed += len(data)
 
 
 def _same_host(a: str, b: str) -> bool:

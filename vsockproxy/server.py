@@ -131,9 +131,9 @@ class VsockProxyServer(AcceptingServer):
         try:
             if route.parser is None:
                 upstream, endpoint = _connect_fixed(route)
-                names, sent = f"enclave={peer} target={endpoint}", 0
+                names, sent, received = f"enclave={peer} target={endpoint}", 0, 0
             else:
-                upstream, names, sent = self._open_requested(enclave, peer, route, started)
+                upstream, names, sent, received = self._open_requested(enclave, peer, route, started)
         except Refused as exc:
             log.warning("refused enclave=%s %s: %s", peer, _subject(route), exc)
             if route.parser is not None:
@@ -147,14 +147,15 @@ class VsockProxyServer(AcceptingServer):
             # A bug must cost one connection, never the server.
             log.error("refused enclave=%s %s: internal error: %r", peer, _subject(route), exc)
             return
-        self._relay(enclave, upstream, route, names, started, sent)
+        self._relay(enclave, upstream, route, names, started, sent, received)
 
     def _relay(self, enclave: socket.socket, upstream: socket.socket, route: Route, names: str,
-               started: float, up_bytes: int = 0) -> None:
+               started: float, up_bytes: int = 0, down_bytes: int = 0) -> None:
         """Relay until both directions end, then close the target and log the connection's one line."""
         up = Flow(enclave, "enclave", upstream, "target")
         up.bytes = up_bytes  # what already went to the target: a request's early data
         down = Flow(upstream, "target", enclave, "enclave")
+        down.bytes = down_bytes  # what the target sent while verify_sni waited
         metrics = self.metrics
         metrics.relaying(up, down)
         ending = "shutdown"
@@ -170,11 +171,11 @@ class VsockProxyServer(AcceptingServer):
                      names, up.bytes, down.bytes, time.monotonic() - started, ending)
 
     def _open_requested(self, enclave: socket.socket, peer: str, route: Route, started: float
-                        ) -> tuple[socket.socket, str, int]:
+                        ) -> tuple[socket.socket, str, int, int]:
         """Read the request and connect where it asks, if the allowlist admits it; raises Refused.
 
         Returns the target's socket, the connection's names for its log line, and
-        how many bytes went to the target already.
+        how many bytes went to the target and came from it already.
         """
         parser = route.parser()
         deadline = started + route.handshake_timeout
@@ -200,12 +201,12 @@ class VsockProxyServer(AcceptingServer):
             answer_and_close(enclave, parser.reply(exc.outcome), deadline + route.connect_timeout)
             raise Refused(f"request={requested}: {exc}", "connect", exc.outcome, admission.allowed_by) from None
         try:
-            early_data = outcome.early_data
+            early_data, received = outcome.early_data, 0
             # The enclave has its answer at once; the ClientHello check gets a fresh handshake timeout.
             if answer(enclave, parser.reply(CONNECTED), time.monotonic() + route.handshake_timeout) \
                     and route.verify_sni:
-                refusal, early_data = client_hello_check(enclave, outcome.host, early_data,
-                                                         time.monotonic() + route.handshake_timeout)
+                refusal, early_data, received = client_hello_check(enclave, upstream, outcome.host, early_data,
+                                                                   time.monotonic() + route.handshake_timeout)
                 if refusal is not None:
                     _reset_on_close(upstream)
                     raise Refused(f"request={requested}: verify_sni: {refusal}", "handshake", "sni-mismatch",
@@ -224,7 +225,7 @@ class VsockProxyServer(AcceptingServer):
         self.metrics.request(route.mode, CONNECTED, admission.allowed_by)
         names = (f"enclave={peer} mode={route.mode} request={requested} allowed_by={admission.allowed_by} "
                  f"target={endpoint}")
-        return upstream, names, len(early_data)
+        return upstream, names, len(early_data), received
 
     @property
     def num_workers(self) -> int:

@@ -5,6 +5,9 @@ allowlist; nothing changes unless all of it is valid and every new listener
 binds.  SIGTERM/SIGINT drain, SIGUSR1 logs a one-line summary.  Open
 connections never notice a reload: each one keeps the route it started with.
 Once the drain has begun, no reload commits: nothing new may open then.
+
+The signal handlers only enqueue; one greenlet dispatches.  SIGHUPs that arrive while a
+reload is pending or running fold into one more reload.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Callable, Iterable
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
+from gevent.queue import Queue
 from prometheus_client import CollectorRegistry
 
 from vsockproxy.allowlist import Allowlist, NotAllowed, Target
@@ -84,7 +88,8 @@ class Supervisor:
         self._authorized: dict[int, Authorized] = {}
         self._retiring: list[VsockProxyServer] = []
         self._reload_lock = Semaphore()
-        self._reload_pending = False
+        self._reload_requested = False
+        self._reloader: gevent.Greenlet | None = None
         self._stopping = Event()
         self._metrics_server: MetricsServer | None = None
         self._pool_watcher: gevent.Greenlet | None = None
@@ -254,26 +259,19 @@ class Supervisor:
         """
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         previous = {signum: signal.getsignal(signum) for signum in handled}
-        handlers = [
-            gevent.signal_handler(signal.SIGTERM, self._stopping.set),
-            gevent.signal_handler(signal.SIGINT, self._stopping.set),
-            gevent.signal_handler(signal.SIGHUP, self._reload_when_started),
-            gevent.signal_handler(signal.SIGUSR1, lambda: log.info("%s", self.summary())),
-        ]
+        signals: Queue = Queue()
+        handlers = [gevent.signal_handler(signum, signals.put, signum) for signum in handled]
+        dispatcher = gevent.spawn(self._dispatch, signals)
         reporter = None
         try:
             self.start()
-            if self._reload_pending:
-                gevent.spawn(self.reload)
+            if self._reload_requested:
+                self._reload_soon()
             reporter = gevent.spawn(self._report_status) if self.notifier.enabled else None
             self._stopping.wait()
-            draining = [gevent.signal_handler(signal.SIGTERM, self.kill_connections),
-                        gevent.signal_handler(signal.SIGINT, self.kill_connections)]
-            for handler in handlers[:2]:  # after the new ones are in: no instant at SIG_DFL
-                handler.cancel()
-            handlers[:2] = draining
             self.drain(self.options.shutdown_grace)
         finally:
+            dispatcher.kill()
             if reporter is not None:
                 reporter.kill()
             for handler in handlers:
@@ -283,15 +281,38 @@ class Supervisor:
                     signal.signal(signum, disposition)
             self.notifier.close()
 
+    def _dispatch(self, signals: Queue) -> None:
+        """The one place that acts on signals, in the order they came."""
+        for signum in signals:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self._stopping.is_set():  # the second one: the drain ends connections now
+                    self.kill_connections()
+                self._stopping.set()
+            elif signum == signal.SIGHUP:
+                self._reload_when_started()
+            elif signum == signal.SIGUSR1:
+                log.info("%s", self.summary())
+
     def _reload_when_started(self) -> None:
         """SIGHUP: reload now; while starting, once started (the file may have changed since it was read)."""
         if self._stopping.is_set():
             log.warning("reload refused: shutting down")
         elif self._authorized:
-            gevent.spawn(self.reload)
-        elif not self._reload_pending:
-            self._reload_pending = True
+            self._reload_soon()
+        elif not self._reload_requested:
+            self._reload_requested = True
             log.info("reload requested while starting: reloading once started")
+
+    def _reload_soon(self) -> None:
+        """Reload, once more than any reload under way, however many times this is asked meanwhile."""
+        self._reload_requested = True
+        if self._reloader is None or self._reloader.dead:
+            self._reloader = gevent.spawn(self._reload_while_requested)
+
+    def _reload_while_requested(self) -> None:
+        while self._reload_requested:
+            self._reload_requested = False
+            self.reload()
 
     def _report_status(self) -> None:
         while True:

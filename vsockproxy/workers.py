@@ -18,6 +18,14 @@ ends are this same program): ``ready`` once it accepts and its figures (``metric
 asked and as it exits; the parent sends ``metrics``, ``retire``, ``drain`` and ``kill``.  The
 end of that socket tells the parent that a worker died, and a worker that its parent died.
 Counters of workers that have exited are kept in the totals, so they never go backwards.
+
+The parent's main greenlet is its one dispatcher, as gunicorn's arbiter loop is: signal
+handlers, the workers' watchers and the backoff timers only enqueue events, and the main
+greenlet alone acts on them, so it alone forks, and only when its hub is idle.  Signals
+that arrive while a reload is pending or running fold into one more reload.  A new worker
+starts clean: before anything can run there it discards the parent's hub, with the
+parent's greenlets and watchers, and closes the parent's descriptors; it runs on a hub of
+its own, where no code of the parent's can wake.
 """
 
 from __future__ import annotations
@@ -36,16 +44,17 @@ import gevent
 import gevent.os
 import gevent.socket
 from gevent.event import Event
-from gevent.hub import get_hub
+from gevent.hub import Hub, get_hub
 from gevent.lock import Semaphore
 from gevent.pool import Group
+from gevent.queue import Empty, Queue
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from vsockproxy.allowlist import NotAllowed
 from vsockproxy.config import ConfigError, FileConfig, Options, load_file
 from vsockproxy.listen import Listen, ListenError
-from vsockproxy.loader import load_file_in_child, reap
+from vsockproxy.loader import close_inherited_fds, load_file_in_child, reap
 from vsockproxy.metrics import Metrics, ServiceMetrics
 from vsockproxy.metrics_server import MetricsServer
 from vsockproxy.notify import Notifier
@@ -92,10 +101,11 @@ class Workers:
         self._exited: dict[str, ServiceMetrics] = {}  # counters of workers that have exited, by service
         self._created: dict[str, float] = {}
         self._greenlets = Group()  # every greenlet of the parent's own, which a new worker ends in its copy
+        self._events: Queue = Queue()  # (kind, value): what the main greenlet dispatches
         self._all_exited = Event()
         self._stopping = Event()
         self._reload_lock = Semaphore()
-        self._reload_pending = False
+        self._reload_requested = False
         self._handlers: list = []
         self._metrics_server: MetricsServer | None = None
 
@@ -104,28 +114,22 @@ class Workers:
     def serve(self) -> None:
         """Start, then serve until SIGTERM or SIGINT; a second one during the drain ends connections.
 
-        As Supervisor.serve: the handlers go in first, start-up errors propagate, and the
+        Must run in the main greenlet: it dispatches every event, and forks.  As
+        Supervisor.serve: the handlers go in first, start-up errors propagate, and the
         signals' previous dispositions come back at the end.
         """
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         previous = {signum: signal.getsignal(signum) for signum in handled}
-        self._handlers = [
-            gevent.signal_handler(signal.SIGTERM, self._stopping.set),
-            gevent.signal_handler(signal.SIGINT, self._stopping.set),
-            gevent.signal_handler(signal.SIGHUP, self._reload_when_started),
-            gevent.signal_handler(signal.SIGUSR1, lambda: self._greenlets.spawn(self._log_summary)),
-        ]
+        self._handlers = [gevent.signal_handler(signum, self._events.put, ("signal", signum)) for signum in handled]
         try:
             if self.start():
-                if self._reload_pending:
-                    self._greenlets.spawn(self.reload)
                 self._greenlets.spawn(self._refresh)
-            self._stopping.wait()
-            draining = [gevent.signal_handler(signal.SIGTERM, self.kill_connections),
-                        gevent.signal_handler(signal.SIGINT, self.kill_connections)]
-            for handler in self._handlers[:2]:  # after the new ones are in: no instant at SIG_DFL
-                handler.cancel()
-            self._handlers[:2] = draining
+                while not self._stopping.is_set():
+                    if self._reload_requested:
+                        self._reload_requested = False
+                        self.reload()
+                    else:
+                        self._dispatch(*self._events.get())
             self.drain(self.options.shutdown_grace)
         finally:
             self._greenlets.kill(block=False)
@@ -188,8 +192,57 @@ class Workers:
         """Fork the generation's workers; True once all of them accept, False if a drain began first."""
         for index in range(self.count):
             self._fork(generation, index)
-        gevent.wait([generation.ready, self._stopping], count=1)
+        self._dispatch_until(lambda: generation.ready.is_set() or self._stopping.is_set())
         return generation.ready.is_set()
+
+    # -- the dispatcher ------------------------------------------------------------------------
+
+    def _dispatch_until(self, done: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Dispatch events until ``done()`` or the deadline (monotonic); returns ``done()``."""
+        while not done():
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return False
+            try:
+                event = self._events.get(timeout=timeout)
+            except Empty:
+                continue
+            self._dispatch(*event)
+        return True
+
+    def _dispatch_queued(self) -> None:
+        """Dispatch what is queued now, without waiting."""
+        while not self._events.empty():
+            self._dispatch(*self._events.get())
+
+    def _dispatch(self, kind: str, value) -> None:
+        """The one place that acts on an event; runs in the main greenlet only, so only it forks."""
+        if kind == "signal":
+            self._on_signal(value)
+        elif kind == "ready":
+            value.generation.check_ready()
+        elif kind == "exited":
+            self._replace(value)
+        elif kind == "respawn":
+            generation, index = value
+            if not (generation.retired or self._stopping.is_set()):
+                self._fork(generation, index)
+
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT drain (a second one ends connections), SIGHUP asks for a reload, SIGUSR1 logs."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self._stopping.is_set():
+                self.kill_connections()
+            self._stopping.set()
+        elif signum == signal.SIGHUP:
+            if self._stopping.is_set():
+                log.warning("reload refused: shutting down")
+                return
+            if (self._current is None or not self._current.ready.is_set()) and not self._reload_requested:
+                log.info("reload requested while starting: reloading once started")
+            self._reload_requested = True  # one more reload, however many signals come meanwhile
+        elif signum == signal.SIGUSR1:
+            self._greenlets.spawn(self._log_summary)
 
     def reload(self) -> bool:
         """Apply the file as it is now in a new generation of workers, or change nothing."""
@@ -202,7 +255,8 @@ class Workers:
         except (ConfigError, NotAllowed, ListenError) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             return False
-        if self._stopping.is_set():  # the drain began while authorizing waited on DNS
+        self._dispatch_queued()  # what came while authorizing waited on the loader and DNS
+        if self._stopping.is_set():  # the drain began meanwhile
             for listener in added.values():
                 listener.close()
             log.warning("reload refused: shutting down")
@@ -241,12 +295,12 @@ class Workers:
         self.notifier.stopping(f"draining {active} connection(s)")
         for process in list(self._processes.values()):
             process.tell("drain")
-        if self._processes and not self._all_exited.wait(grace + EXIT_MARGIN):
+        if not self._dispatch_until(self._all_exited.is_set, time.monotonic() + grace + EXIT_MARGIN):
             for process in list(self._processes.values()):
                 log.warning("worker PID %d still running %g s after the grace period: killing it",
                             process.pid, EXIT_MARGIN)
                 process.kill()
-            self._all_exited.wait(EXIT_MARGIN)
+            self._dispatch_until(self._all_exited.is_set, time.monotonic() + EXIT_MARGIN)
         log.info("stopped")
 
     def kill_connections(self) -> None:
@@ -257,14 +311,13 @@ class Workers:
     # -- the workers' lives --------------------------------------------------------------------
 
     def _fork(self, generation: _Generation, index: int) -> None:
+        """Start worker ``index`` of the generation; from the main greenlet only (see _leave_parent)."""
+        gevent.idle()  # until no event of the parent's is pending and no callback queued: none can run there
         ours, theirs = gevent.socket.socketpair()
-        # The hub's callbacks in hand are the parent's work (an event's waiters to wake, a greenlet to
-        # resume): the new worker drops them, or a scrape's handler could answer from both processes.
-        in_hand = list(get_hub().loop._callbacks)
         pid = gevent.os.fork_gevent()
         if pid == 0:
             ours.close()
-            self._become_worker(generation, index, theirs, in_hand)
+            self._become_worker(generation, index, theirs)
         theirs.close()
         process = _Process(pid, index, generation, ours, time.monotonic())
         generation.processes[index] = process
@@ -273,7 +326,7 @@ class Workers:
         self._greenlets.spawn(self._watch, process)
 
     def _watch(self, process: _Process) -> None:
-        """Take the worker's messages until it exits; then keep its counters and replace it if it died."""
+        """Take the worker's messages until it exits; then keep its counters and tell the dispatcher."""
         while True:
             try:
                 message = _receive(process.control)
@@ -284,28 +337,36 @@ class Workers:
             kind, value = message
             if kind == "ready":
                 process.ready = True
-                process.generation.check_ready()
+                self._events.put(("ready", process))
             elif kind == "metrics":
                 process.state = value
                 answered, process.answered = process.answered, Event()
                 answered.set()
         process.control.close()
         process.answered.set()  # no answer will come: a poll need not wait for one
-        status = reap(process.pid)
+        process.status = reap(process.pid)
         self._forget(process)
+        self._events.put(("exited", process))
+
+    def _replace(self, process: _Process) -> None:
+        """A worker has exited: if it died, start a new one, at once or after its backoff."""
         if process.leaving or process.generation.retired or self._stopping.is_set():
-            log.debug("worker PID %d exited (%s)", process.pid, _describe(status))
+            log.debug("worker PID %d exited (%s)", process.pid, _describe(process.status))
             return
-        delay = process.generation.backoff(process.index, time.monotonic() - process.started)
-        if delay:
-            log.warning("worker PID %d exited (%s), %d time(s) in a row within %g s of its start; "
-                        "starting a new one in %g s", process.pid, _describe(status),
-                        process.generation.young_deaths[process.index], YOUNG, delay)
-            gevent.sleep(delay)
-        else:
-            log.warning("worker PID %d exited (%s); starting a new one", process.pid, _describe(status))
-        if not (process.generation.retired or self._stopping.is_set()):
-            self._fork(process.generation, process.index)
+        generation, index = process.generation, process.index
+        delay = generation.backoff(index, time.monotonic() - process.started)
+        if not delay:
+            log.warning("worker PID %d exited (%s); starting a new one", process.pid, _describe(process.status))
+            self._fork(generation, index)
+            return
+        log.warning("worker PID %d exited (%s), %d time(s) in a row within %g s of its start; "
+                    "starting a new one in %g s", process.pid, _describe(process.status),
+                    generation.young_deaths[index], YOUNG, delay)
+        self._greenlets.spawn(self._respawn_later, delay, generation, index)
+
+    def _respawn_later(self, delay: float, generation: _Generation, index: int) -> None:
+        gevent.sleep(delay)
+        self._events.put(("respawn", (generation, index)))
 
     def _forget(self, process: _Process) -> None:
         """Drop an exited worker, keeping its counters (its gauges end with it)."""
@@ -317,12 +378,12 @@ class Workers:
         if not self._processes:
             self._all_exited.set()
 
-    def _become_worker(self, generation: _Generation, index: int, control: socket.socket,
-                       in_hand: list) -> NoReturn:
+    def _become_worker(self, generation: _Generation, index: int, control: socket.socket) -> NoReturn:
         """In a new child: let go of what is the parent's, run the worker, exit; never returns."""
         code = 1
         try:
-            self._leave_parent(generation, in_hand)
+            parents, control_fd = self._leave_parent(generation, control)  # kept to the end: see _leave_parent
+            control = gevent.socket.socket(fileno=control_fd)  # on the worker's own hub
             template = generation.template
             template.given = {port: replace(authorized, service=replace(
                 authorized.service, num_workers=share(authorized.service.num_workers, self.count, index)))
@@ -333,29 +394,32 @@ class Workers:
         finally:
             os._exit(code)
 
-    def _leave_parent(self, generation: _Generation, in_hand: list) -> None:
-        """End the parent's greenlets, handlers and sockets in this copy of it: they are the parent's to run.
+    def _leave_parent(self, generation: _Generation, control: socket.socket) -> tuple[tuple[Hub, object], int]:
+        """Discard the parent's hub and close the parent's descriptors in this copy of it, never yielding.
 
-        Nothing here yields to the hub, which would run the parent's watchers (a scrape, a
-        sibling's message) in this process.  The callbacks the parent had in hand at the fork
-        are dropped, then the kills are queued before the closes, so the kills come first and
-        a watcher of a sibling's socket ends before it can hear of that socket's closing.
+        The hub holds the parent's work: its greenlets and their watchers.  Run here, any of
+        them would be the parent's code in a worker (the reap and fork of a sibling that
+        exited, an answer to a scrape).  The parent forks only from its main greenlet and only
+        once its hub is idle, with no event pending and no callback queued; so the hub is
+        destroyed with its loop before anything can wake there, and the worker gets a hub of
+        its own.  The parent's objects stay as they are, kept (returned to the caller, which
+        holds them to the end) so that collecting them never resumes a greenlet to unwind it;
+        their descriptors are closed underneath them, all but the generation's listeners and
+        the control socket: a sibling's control socket must end when the parent ends.
+        Returns what to keep, and the control socket's descriptor.
         """
-        for callback in in_hand:
-            callback.stop()
-        current = gevent.getcurrent()
-        gevent.killall([greenlet for greenlet in self._greenlets if greenlet is not current], block=False)
-        for handler in self._handlers:
-            handler.cancel()
-        if self._metrics_server is not None:
-            self._metrics_server.close()
-            self._metrics_server.pool.kill(block=False)
-        for process in self._processes.values():
-            process.control.close()
-        for port, listener in self._listeners.items():
-            if port not in generation.authorized:
-                listener.close()
-        self.notifier.close()
+        # Orders come from the parent alone.  `systemctl stop` signals the whole control group and a
+        # terminal's Ctrl-C the whole process group: the parent forwards those, and a worker that
+        # acted on its own copy too would exit while the parent still counted on it.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+        control_fd = control.detach()  # the worker wraps it anew, on its own hub
+        hub = get_hub()
+        loop = hub.loop
+        hub.destroy(destroy_loop=True)
+        close_inherited_fds([control_fd, *(listener.fileno() for port, listener in self._listeners.items()
+                                           if port in generation.authorized)])
+        return (hub, loop), control_fd
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -414,15 +478,6 @@ class Workers:
             self.poll()
             self.notifier.send(STATUS=self.status())
 
-    def _reload_when_started(self) -> None:
-        """SIGHUP: as Supervisor's, reload now, or once started."""
-        if self._stopping.is_set():
-            log.warning("reload refused: shutting down")
-        elif self._current is not None and self._current.ready.is_set():
-            self._greenlets.spawn(self.reload)
-        elif not self._reload_pending:
-            self._reload_pending = True
-            log.info("reload requested while starting: reloading once started")
 
 
 class _Totals:
@@ -480,6 +535,7 @@ class _Process:
     started: float
     ready: bool = False
     leaving: bool = False  # told to retire or drain: its exit is no failure
+    status: int | None = None  # its exit status, once reaped (None also when unknown)
     state: dict = field(default_factory=dict)  # its figures as last reported, by service
     answered: Event = field(default_factory=Event)  # set, and replaced, by each report
 
@@ -522,11 +578,6 @@ class _Worker:
         self._deadline: float | None = None
 
     def run(self) -> int:
-        # Orders come from the parent alone.  `systemctl stop` signals the whole control group and a
-        # terminal's Ctrl-C the whole process group: the parent forwards those, and a worker that
-        # acted on its own copy too would exit while the parent still counted on it.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(signum, signal.SIG_IGN)
         self.supervisor.start(announce=False)
         _send(self.control, ("ready", None))
         gevent.spawn(self._hear_parent)

@@ -1,4 +1,5 @@
-"""``--processes N`` over real vsock: reload, drain, a worker SIGKILLed under load, the /metrics totals.
+"""``--processes N`` over real vsock: reload, drain, a worker SIGKILLed under load, the /metrics totals,
+a storm of SIGHUPs under load.
 
 The host suite (tests/test_workers.py) runs the same cases, and more, on TCP stand-in listeners.
 """
@@ -6,6 +7,7 @@ The host suite (tests/test_workers.py) runs the same cases, and more, on TCP sta
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -13,9 +15,10 @@ import time
 
 import pytest
 
-from tests.e2e.vsock import IO_TIMEOUT, free_vsock_port, recv_exactly, refused, vsock_connect
-from tests.helpers import children_of, echo, fetch_pattern, scrape, streaming, unused_tcp_port, wait_until
+from tests.e2e.vsock import IO_TIMEOUT, free_vsock_port, recv_all, recv_exactly, refused, vsock_connect
+from tests.helpers import children_of, echo, fetch_pattern, pattern, scrape, streaming, unused_tcp_port, wait_until
 from tests.test_faults import socket_fd_count
+from tests.test_workers import StormWatch
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(600)]
 
@@ -157,3 +160,73 @@ def test_a_worker_killed_under_load_costs_only_its_own_connections(proxy, target
     wait_workers(process.proc.pid, 2)
     assert totals() == (9.0, 5.0, 0.0)  # the dead workers' counters stay
     assert process.stop() == 0, process.text()
+
+
+def test_a_storm_of_sighups_under_load_folds_and_no_worker_acts_as_the_parent(proxy, target):
+    """30 SIGHUPs in 3 s while clients echo (every byte checked) and /metrics is scraped.
+
+    Fails on the original code: one reload per SIGHUP (27-30 generations, settling after 30 s),
+    and new workers that run the parent's reap and fork: an exit logged many times, grandchildren,
+    "internal error" lines.  Here a reload takes about a second, so the storm is a few of them.
+    """
+    server = target(echo)
+    port = free_vsock_port()
+    metrics_address = ("127.0.0.1", unused_tcp_port())
+    process = proxy(["--processes", "2", "-w", "8", "--metrics-address", "%s:%d" % metrics_address, str(port),
+                     "127.0.0.1", str(server.port)], allow=[("127.0.0.1", server.port)])
+    wait_workers(process.proc.pid, 2)
+    stop = threading.Event()
+    rounds: list[int] = []
+    failures: list[str] = []
+
+    def client(seed: int) -> None:
+        payload = pattern(seed, 1 << 16)
+        while not stop.is_set():
+            try:
+                with vsock_connect(port) as sock:
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    got = recv_all(sock)
+            except OSError as exc:
+                failures.append(repr(exc))
+                continue
+            if got != payload:
+                failures.append(f"{len(got)} byte(s) back, not the {len(payload)} sent")
+            rounds.append(seed)
+
+    def scrapes() -> None:
+        while not stop.is_set():
+            try:
+                scrape(metrics_address)
+            except (OSError, AssertionError) as exc:
+                failures.append(f"scrape: {exc!r}")
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    threads.append(threading.Thread(target=scrapes))
+    for thread in threads:
+        thread.start()
+    watch = StormWatch(process.proc.pid)
+    try:
+        began = time.monotonic()
+        for _ in range(30):  # nothing else in this loop: the storm must last 3 s, even under TCG
+            process.signal(signal.SIGHUP)
+            time.sleep(0.1)
+        stormed = time.monotonic() - began
+        settled_after = watch.settle(timeout=IO_TIMEOUT, quiet=5)  # no generation queued behind, no respawn
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=IO_TIMEOUT)
+    assert rounds and not failures, failures[:5]
+    assert not watch.grandchildren
+    assert settled_after < 20, settled_after
+    assert serves(port)
+    assert process.stop() == 0, process.text()
+    lines = process.lines
+    applied = [line for line in lines if "reload applied" in line]
+    assert 1 <= len(applied) <= 10, (len(applied), stormed)  # about one per second of storm, and one more
+    exits = [re.search(r"worker PID (\d+) exited", line).group(1) for line in lines if " exited (" in line]
+    assert len(exits) == len(set(exits)), [line for line in lines if " exited (" in line]
+    assert not [line for line in lines if "starting a new one" in line or "internal error" in line
+                or "Traceback" in line], process.text()
