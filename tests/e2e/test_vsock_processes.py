@@ -149,7 +149,9 @@ def test_a_worker_killed_under_load_costs_only_its_own_connections(proxy, target
             thread.join(timeout=IO_TIMEOUT)
     # Every byte of the other worker's four is checked; the victim's four end short, never wrong.
     assert sorted(outcomes.values()) == ["cut"] * 4 + ["intact"] * 4, outcomes
-    assert replaced_after < 1.0, replaced_after
+    # At once, not after the 0.5 s backoff of a worker that dies young (the log line below tells them apart);
+    # under TCG on a loaded host the fork and the new interpreter's first steps alone took up to 1.5 s.
+    assert replaced_after < 2.5, replaced_after
     process.wait_for(f"worker PID {victim} exited (signal 9); starting a new one", timeout=1)
     assert children_of(process.proc.pid) == (workers - {victim}) | replaced
     with vsock_connect(port) as sock:
