@@ -2,13 +2,14 @@
 
 Run by tests/vm/test_systemd_unit.py through ``scripts/vsock-vm --systemd``; anywhere
 else (the plain VM run of tests/e2e included) it is skipped.  The unit is installed as the
-README says, unchanged; only its two programs are stand-ins that run this checkout:
-/usr/local/bin/vsock-proxy starts it with the system's python3 (the sandbox hides the
-/root that a pyenv interpreter lives in, as ProtectHome= should), and the region helper
-is the repository's, asking a fake IMDS on 169.254.169.254.  The VM has no network, so a
-fake DNS server on 127.0.0.1 (the VM's /etc/resolv.conf) says kms.eu-west-3.amazonaws.com
-is 127.0.0.1, and a plain HTTP server on port 443 stands in for KMS.  All of this lives in
-the VM's throw-away writable layer.
+README says, unchanged, and so is the proxy: /usr/local/bin/vsock-proxy is the command of a
+venv of the system's python3 under /opt, with this checkout's package in it, where the
+sandbox can read it wherever the checkout is (ProtectHome= hides /home and /root, and the
+pyenv interpreter of this .venv).  The region helper is the repository's, asking a fake
+IMDS on 169.254.169.254.  The VM has no network, so a fake DNS server on 127.0.0.1 (the
+VM's /etc/resolv.conf) says kms.eu-west-3.amazonaws.com is 127.0.0.1, and a plain HTTP
+server on port 443 stands in for KMS.  All of this lives in the VM's throw-away writable
+layer.
 
 The tests run in order, on one service: start (with a SIGHUP while the shell still looks
 up the region), the sandbox, a request, the journal, metrics, the services: file, reload,
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.metadata
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -64,17 +67,13 @@ SLOW_BODY = bytes(range(256)) * 4096  # 1 MiB, sent only once the test says so
 #: Generous: the VM's CPU is emulated, and the proxy's interpreter takes seconds to start.
 SYSTEMCTL_TIMEOUT = 180
 
-PROXY_STANDIN = '''#!/usr/bin/python3 -IS
-"""vsock-proxy from the checkout {repo}, with its .venv's packages, run by the system's Python."""
-import site
+OPT_VENV = Path("/opt/vsockproxy")
+# What pip writes as a venv's console script.
+CONSOLE_SCRIPT = f"""#!{OPT_VENV}/bin/python3
 import sys
-
-sys.path.insert(0, {repo!r})
-site.addsitedir({site_packages!r})
 from vsockproxy.__main__ import main
-
 sys.exit(main())
-'''
+"""
 
 
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -237,11 +236,61 @@ def write_defaults(*settings: str) -> None:
     Path("/etc/default/vsock-proxy").write_text(shipped + "".join(f"{line}\n" for line in settings))
 
 
-def install(path: str, content: str, mode: int) -> None:
+def install(path: str | Path, content: str, mode: int) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(content)
     target.chmod(mode)
+
+
+def runtime_distributions() -> list[importlib.metadata.Distribution]:
+    """The installed distributions that vsockproxy runs on: requirements.txt's, and theirs, transitively."""
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    names = [line for line in lines if line.strip() and not line.startswith("#")]
+    found: dict[str, importlib.metadata.Distribution] = {}
+    while names:
+        name = re.match(r"[A-Za-z0-9._-]+", names.pop()).group(0)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a dependency for another platform (gevent's cffi on Windows)
+        if dist.metadata["Name"].lower() not in found:
+            found[dist.metadata["Name"].lower()] = dist
+            names += [r for r in dist.requires or [] if "extra ==" not in r.partition(";")[2]]
+    return list(found.values())
+
+
+def install_under_opt() -> None:
+    """/opt/vsockproxy as ``python3 -m venv /opt/vsockproxy; /opt/vsockproxy/bin/pip install .`` makes it, and
+    /usr/local/bin/vsock-proxy a link to its command, as an operator installs it (README, Install).
+
+    The VM has no network: the runtime dependencies are copied from this .venv (their files as each
+    distribution's RECORD lists them; byte code too, whose source times copy2 keeps), and the package
+    from this checkout.  Their wheels must suit /usr/bin/python3: the same minor version as this Python.
+    """
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    system_python = os.path.realpath("/usr/bin/python3")
+    if not system_python.endswith(f"python{version}"):
+        pytest.fail(f"the venv under /opt runs /usr/bin/python3 ({system_python}) with this .venv's "
+                    f"Python {version} packages: they must be the same minor version")
+    umask = os.umask(0o022)  # readable by the unit's transient user
+    try:
+        run("/usr/bin/python3", "-m", "venv", "--without-pip", str(OPT_VENV))
+        site_packages = OPT_VENV / "lib" / f"python{version}" / "site-packages"
+        for dist in runtime_distributions():
+            root = Path(dist.locate_file(""))
+            files = [str(file) for file in dist.files or []  # not the headers and scripts beside
+                     if ".." not in file.parts and (root / file).is_file()]
+            # One cp for them all: a file at a time from Python takes seconds under TCG.
+            subprocess.run(["xargs", "-0", "cp", "--parents", "--preserve=mode,timestamps", "-t", str(site_packages)],
+                           input="\0".join(files).encode(), cwd=root, check=True, timeout=120)
+        shutil.copytree(REPO / "vsockproxy", site_packages / "vsockproxy")
+        install(OPT_VENV / "bin" / "vsock-proxy", CONSOLE_SCRIPT, 0o755)
+        Path("/usr/local/bin").mkdir(parents=True, exist_ok=True)
+        Path("/usr/local/bin/vsock-proxy").unlink(missing_ok=True)
+        Path("/usr/local/bin/vsock-proxy").symlink_to(OPT_VENV / "bin" / "vsock-proxy")
+    finally:
+        os.umask(umask)
 
 
 @pytest.fixture(scope="module")
@@ -250,14 +299,7 @@ def world(request):
 
     When a test failed, the unit's journal goes to stderr at the end (run with -s to see it).
     """
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    system_python = os.path.realpath("/usr/bin/python3")
-    if not system_python.endswith(f"python{version}"):
-        pytest.fail(f"the stand-in vsock-proxy runs /usr/bin/python3 ({system_python}) with this .venv's "
-                    f"Python {version} packages: they must be the same minor version")
-    site_packages = Path(sys.prefix, "lib", f"python{version}", "site-packages")
-    install("/usr/local/bin/vsock-proxy",
-            PROXY_STANDIN.format(repo=str(REPO), site_packages=str(site_packages)), 0o755)
+    install_under_opt()
     install("/usr/local/libexec/vsock-proxy-region", (REPO / "init" / "vsock-proxy-region").read_text(), 0o755)
     install("/etc/systemd/system/" + UNIT, (REPO / "init" / UNIT).read_text(), 0o644)
     install("/etc/nitro_enclaves/vsock-proxy.yaml", (REPO / "conf" / "vsock-proxy.yaml").read_text(), 0o644)
@@ -417,3 +459,4 @@ def test_a_privileged_port_needs_the_documented_drop_in(world):
     systemctl("daemon-reload")
     systemctl("start", UNIT)
     assert body_of(http_over_vsock(999, "/low")) == b"a answered /low"
+
