@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -128,8 +129,7 @@ def test_systemd_analyze_rates_the_unit_2_or_lower():
 
 # --------------------------------------------------------------------------- the SysV init script
 
-STANDIN_DAEMON = """#!{python}
-import os, signal, sys
+STANDIN_DAEMON = """import os, signal, sys
 dispositions = ["ignored" if signal.getsignal(s) == signal.SIG_IGN else "default" for s in (signal.SIGHUP, signal.SIGUSR1)]
 print("argv", *sys.argv[1:], flush=True)
 print("HUP", dispositions[0], "USR1", dispositions[1], flush=True)
@@ -158,7 +158,10 @@ class SysVScript:
             assert count == 1, name
         self.script = root / "vsock-proxy.init"
         self.script.write_text(text)
-        paths["DAEMON"].write_text(STANDIN_DAEMON.format(python=sys.executable))
+        # A shell wrapper, not a #! line: a kernel stops the interpreter's path at its first space.
+        (root / "stand-in-daemon.py").write_text(STANDIN_DAEMON)
+        paths["DAEMON"].write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                                   f"{shlex.quote(str(root / 'stand-in-daemon.py'))} \"$@\"\n")
         paths["REGION_HELPER"].write_text("#!/bin/sh\necho eu-west-3\n")
         for program in (paths["DAEMON"], paths["REGION_HELPER"]):
             program.chmod(0o755)
