@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -193,7 +194,7 @@ def test_bench_connect_churn_through_a_proxy_cmd_for_the_mode(tmp_path, load):
     stand_in.write_text(CONNECT_STAND_IN)
     result, report = _bench(tmp_path, "--scenarios", "churn,connect-churn", "--proxies", "socat,relay",
                             "--load", load, "--proxy-cmd", "relay=socat {listen},reuseaddr,fork TCP:{target}",
-                            "--proxy-cmd", f"relay@http-connect={sys.executable} {stand_in} {{listen_port}}")
+                            "--proxy-cmd", f"relay@http-connect={{python}} {shlex.quote(str(stand_in))} {{listen_port}}")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
     assert report["load_generator"] == load
     _check_connect_churn(report, result.stdout, "relay", skipped=["socat"])

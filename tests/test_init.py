@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -128,8 +129,7 @@ def test_systemd_analyze_rates_the_unit_2_or_lower():
 
 # --------------------------------------------------------------------------- the SysV init script
 
-STANDIN_DAEMON = """#!{python}
-import os, signal, sys
+STANDIN_DAEMON = """import os, signal, sys
 dispositions = ["ignored" if signal.getsignal(s) == signal.SIG_IGN else "default" for s in (signal.SIGHUP, signal.SIGUSR1)]
 print("argv", *sys.argv[1:], flush=True)
 print("HUP", dispositions[0], "USR1", dispositions[1], flush=True)
@@ -158,7 +158,10 @@ class SysVScript:
             assert count == 1, name
         self.script = root / "vsock-proxy.init"
         self.script.write_text(text)
-        paths["DAEMON"].write_text(STANDIN_DAEMON.format(python=sys.executable))
+        # A shell wrapper, not a #! line: a kernel stops the interpreter's path at its first space.
+        (root / "stand-in-daemon.py").write_text(STANDIN_DAEMON)
+        paths["DAEMON"].write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                                   f"{shlex.quote(str(root / 'stand-in-daemon.py'))} \"$@\"\n")
         paths["REGION_HELPER"].write_text("#!/bin/sh\necho eu-west-3\n")
         for program in (paths["DAEMON"], paths["REGION_HELPER"]):
             program.chmod(0o755)
@@ -241,3 +244,93 @@ def test_default_allowlist_matches_upstreams_kms_endpoints():
     assert {"kms.us-east-1.amazonaws.com", "kms-fips.us-east-1.amazonaws.com", "kms.eu-west-3.amazonaws.com",
             "kms.cn-northwest-1.amazonaws.com", "kms-fips.us-gov-west-1.amazonaws.com"} <= names
     assert len(names) == len(rules) == 76
+
+
+# --------------------------------------------------------------------------- the replace-upstream script
+
+class ReplaceScript:
+    """init/vsock-proxy-replace-upstream with its /etc and /var/lib paths moved into a temporary directory,
+    and a stand-in systemctl that logs its calls and prints FragmentPath for ``show`` (the script under a
+    real systemd is tests/e2e/test_vsock_systemd.py's)."""
+
+    def __init__(self, root: Path) -> None:
+        self.unit_dir = root / "etc" / "systemd" / "system"
+        self.unit_dir.mkdir(parents=True)
+        self.state = root / "var" / "lib" / "vsockproxy" / "replace-upstream"
+        self.alias = self.unit_dir / "nitro-enclaves-vsock-proxy.service"
+        self.calls = root / "systemctl.calls"
+        text = (REPO / "init" / "vsock-proxy-replace-upstream").read_text()
+        for name, path in {"UNIT_DIR": self.unit_dir, "STATE": self.state}.items():
+            text, count = re.subn(rf"^{name}=.*$", f"{name}='{path}'", text, flags=re.M)
+            assert count == 1, name
+        self.script = root / "vsock-proxy-replace-upstream"
+        self.script.write_text(text)
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        (self.bin / "systemctl").write_text(
+            f'#!/bin/sh\necho "$*" >>"{self.calls}"\n[ "$1" = show ] && cat "{root}/fragment"\nexit 0\n')
+        (self.bin / "systemctl").chmod(0o755)
+        self.fragment_file = root / "fragment"
+        self.fragment_file.write_text("")
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(self.script), *args], env={"PATH": f"{self.bin}:/usr/bin:/bin"},
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+    def systemctl_calls(self) -> list[str]:
+        return self.calls.read_text().splitlines() if self.calls.exists() else []
+
+
+@pytest.fixture
+def replace(tmp_path):
+    return ReplaceScript(tmp_path)
+
+
+def test_replace_upstream_parses_and_wants_on_or_off(replace):
+    assert subprocess.run(["sh", "-n", str(REPO / "init" / "vsock-proxy-replace-upstream")], timeout=10).returncode == 0
+    for args in ((), ("enable",)):
+        result = replace(*args)
+        usage = "usage: vsock-proxy-replace-upstream on|off\n"
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", usage)
+    assert replace.systemctl_calls() == []
+
+
+def test_replace_upstream_off_with_nothing_to_undo_changes_nothing(replace):
+    result = replace("off")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "vsock-proxy-replace-upstream: already off\n", "")
+    assert replace.systemctl_calls() == []
+
+
+def test_replace_upstream_on_refuses_to_replace_a_mask_or_an_operators_file(replace):
+    replace.alias.symlink_to("/dev/null")  # systemctl mask nitro-enclaves-vsock-proxy
+    result = replace("on")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"vsock-proxy-replace-upstream: {replace.alias} exists and is not this script's alias "
+                             "(a mask, or an own copy): move it away first\n")
+    assert os.readlink(replace.alias) == "/dev/null"
+    assert replace.systemctl_calls() == [] and not replace.state.exists()
+
+
+def test_replace_upstream_on_refuses_when_our_unit_is_not_installed(replace):
+    result = replace("on")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("vsock-proxy-replace-upstream: vsock-proxy.service is not installed "
+                             "(see \"Running as a service\" in the README)\n")
+    assert not replace.alias.exists() and not replace.state.exists()
+
+
+def test_replace_upstream_on_saves_the_states_then_off_restores_them(replace):
+    replace.fragment_file.write_text("/usr/lib/systemd/system/vsock-proxy.service\n")
+    result = replace("on")
+    assert result.returncode == 0, result.stderr
+    assert os.readlink(replace.alias) == "/usr/lib/systemd/system/vsock-proxy.service"
+    # The stand-in says nothing for is-enabled and is-active: systemd does not know the units.
+    assert replace.state.read_text() == ("upstream_enabled=not-found\nupstream_active=not-found\n"
+                                         "ours_enabled=not-found\nours_active=not-found\n")
+    changes = [call for call in replace.systemctl_calls() if not call.startswith(("show ", "is-"))]
+    assert changes == ["daemon-reload", "enable --now vsock-proxy.service"]
+    replace.calls.unlink()
+    result = replace("off")
+    assert result.returncode == 0, result.stderr
+    assert replace.systemctl_calls() == ["disable vsock-proxy.service", "stop vsock-proxy.service", "daemon-reload"]
+    assert not replace.alias.is_symlink() and not replace.state.exists() and not replace.state.parent.exists()

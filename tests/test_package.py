@@ -287,7 +287,7 @@ def expected_paths() -> set[str]:
     paths = {
         "/usr/bin/vsockproxy",
         "/usr/libexec/vsockproxy", "/usr/libexec/vsockproxy/vsock-proxy.pyz",
-        "/usr/libexec/vsockproxy/vsock-proxy-region",
+        "/usr/libexec/vsockproxy/vsock-proxy-region", "/usr/libexec/vsockproxy/vsock-proxy-replace-upstream",
         "/etc/logrotate.d/vsock-proxy",
         "/etc/nitro_enclaves", ALLOWLIST,
         "/usr/share/vsockproxy", "/usr/share/vsockproxy/vsock-proxy.yaml",
@@ -328,21 +328,27 @@ SCRIPTLETS = {"post": "POSTIN", "preun": "PREUN", "postun": "POSTUN"}
 
 @pytest.fixture
 def scriptlet(tmp_path):
-    """Run one of the x86_64 RPM's scriptlets with a logging stand-in systemctl, its /etc and /usr/share
-    paths moved under tmp_path; returns the systemctl calls."""
+    """Run one of the x86_64 RPM's scriptlets with logging stand-ins of systemctl and of the replace-upstream
+    script, its /etc, /usr/share and /usr/libexec paths moved under tmp_path; returns the calls.
+
+    The script itself, under a real systemd, is tests/e2e/test_vsock_systemd.py's."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "systemctl.calls"
-    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >>{calls}\n')
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >>"{calls}"\n')
     (bin_dir / "systemctl").chmod(0o755)
     root = tmp_path / "root"
     (root / "etc" / "nitro_enclaves").mkdir(parents=True)
     (root / "usr" / "share" / "vsockproxy").mkdir(parents=True)
     shutil.copy(REPO / "conf" / "vsock-proxy.yaml", root / "usr" / "share" / "vsockproxy" / "vsock-proxy.yaml")
+    replace = root / "usr" / "libexec" / "vsockproxy" / "vsock-proxy-replace-upstream"
+    replace.parent.mkdir(parents=True)
+    replace.write_text(f'#!/bin/sh\necho "replace-upstream $*" >>"{calls}"\necho "its output"\n')
+    replace.chmod(0o755)
 
     def run(name: str, arg: str, **env: str) -> list[str]:
         text = rpm("-qp", "--qf", "%{" + SCRIPTLETS[name] + "}", str(rpm_file("x86_64"))).stdout
-        for path in ("/etc/nitro_enclaves/", "/usr/share/vsockproxy/"):
+        for path in ("/etc/nitro_enclaves/", "/usr/share/vsockproxy/", "/usr/libexec/vsockproxy/"):
             text = text.replace(path, str(root) + path)
         assert text.count("/etc/") == text.count(f"{root}/etc/"), text  # nothing outside the scratch root
         calls.unlink(missing_ok=True)
@@ -366,7 +372,7 @@ def test_rpm_post_installs_the_default_allowlist_and_leaves_upstream_alone(scrip
     assert scriptlet("post", "1", VSOCKPROXY_REPLACE_UPSTREAM="0") == ["daemon-reload"]
 
 
-REPLACE = ["daemon-reload", "disable --now nitro-enclaves-vsock-proxy.service", "enable --now vsock-proxy.service"]
+REPLACE = ["daemon-reload", "replace-upstream on"]
 
 
 def test_rpm_post_replaces_upstreams_service_when_the_marker_file_exists(scriptlet):
@@ -378,11 +384,11 @@ def test_rpm_post_replaces_upstreams_service_when_the_variable_asks(scriptlet):
     assert scriptlet("post", "1", VSOCKPROXY_REPLACE_UPSTREAM="1") == REPLACE
 
 
-def test_rpm_removal_stops_only_its_own_service(scriptlet):
+def test_rpm_removal_stops_its_own_service_and_undoes_the_replacement(scriptlet):
     (scriptlet.root / "etc" / "nitro_enclaves" / "vsockproxy-replace-upstream").touch()
     assert scriptlet("preun", "1") == []  # an upgrade
     assert scriptlet("postun", "1") == ["daemon-reload", "try-restart vsock-proxy.service"]
-    assert scriptlet("preun", "0") == ["disable --now vsock-proxy.service"]
+    assert scriptlet("preun", "0") == ["disable --now vsock-proxy.service", "replace-upstream off"]
     assert scriptlet("postun", "0") == ["daemon-reload"]
 
 
@@ -438,6 +444,9 @@ def test_rpm_payload_units_start_the_installed_programs(tmp_path, arch):
     assert installed.read_bytes() == pyz(arch).read_bytes()
     assert not (root / ALLOWLIST.lstrip("/")).exists()  # a ghost: %post creates it only when missing
     command = (root / "usr" / "bin" / "vsockproxy").read_text()
+    replace = root / "usr" / "libexec" / "vsockproxy" / "vsock-proxy-replace-upstream"
+    assert replace.read_bytes() == (REPO / "init" / "vsock-proxy-replace-upstream").read_bytes()
+    assert os.access(replace, os.X_OK)
     assert "/usr/libexec/vsockproxy/vsock-proxy.pyz" in command
     for unit in UNITS:
         text = (root / "usr" / "lib" / "systemd" / "system" / unit).read_text()

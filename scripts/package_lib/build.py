@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import check_index
@@ -113,14 +114,22 @@ def unit_for_rpm(text: str, name: str) -> str:
 
 
 def build_rpm(arch: str, release: str, pyz: Path, output: Path) -> None:
-    """The RPM for ``arch``: the zipapp, its launcher, the units, the region helper, logrotate, the allowlist."""
-    top = WORK / f"rpm-{arch}"
+    """The RPM for ``arch``: the zipapp, its launcher, the units, the region and replace-upstream helpers,
+    logrotate, the allowlist."""
+    # Outside the checkout: rpmbuild's own scripts break on a space in its paths, and a clone may have one.
+    with tempfile.TemporaryDirectory(prefix=f"vsockproxy-rpm-{arch}-") as temp:
+        build_rpm_in(Path(temp), arch, release, pyz, output)
+
+
+def build_rpm_in(top: Path, arch: str, release: str, pyz: Path, output: Path) -> None:
+    """build_rpm in the rpmbuild top directory ``top``."""
     sources = top / "SOURCES"
     (sources / "units").mkdir(parents=True)
     shutil.copy2(pyz, sources / "vsock-proxy.pyz")
     for name in ("vsockproxy", "vsockproxy-cache.conf"):
         shutil.copy2(HERE / name, sources / name)
-    shutil.copy2(REPO / "init" / "vsock-proxy-region", sources / "vsock-proxy-region")
+    for name in ("vsock-proxy-region", "vsock-proxy-replace-upstream"):
+        shutil.copy2(REPO / "init" / name, sources / name)
     shutil.copy2(REPO / "init" / "vsock-proxy.logrotate", sources / "vsock-proxy.logrotate")
     shutil.copy2(REPO / "conf" / "vsock-proxy.yaml", sources / "vsock-proxy.yaml")
     for unit in sorted((REPO / "init").glob("*.service")):

@@ -2,26 +2,32 @@
 
 Run by tests/vm/test_systemd_unit.py through ``scripts/vsock-vm --systemd``; anywhere
 else (the plain VM run of tests/e2e included) it is skipped.  The unit is installed as the
-README says, unchanged; only its two programs are stand-ins that run this checkout:
-/usr/local/bin/vsock-proxy starts it with the system's python3 (the sandbox hides the
-/root that a pyenv interpreter lives in, as ProtectHome= should), and the region helper
-is the repository's, asking a fake IMDS on 169.254.169.254.  The VM has no network, so a
-fake DNS server on 127.0.0.1 (the VM's /etc/resolv.conf) says kms.eu-west-3.amazonaws.com
-is 127.0.0.1, and a plain HTTP server on port 443 stands in for KMS.  All of this lives in
-the VM's throw-away writable layer.
+README says, unchanged, and so is the proxy: /usr/local/bin/vsock-proxy is the command of a
+venv of the system's python3 under /opt, with this checkout's package in it, where the
+sandbox can read it wherever the checkout is (ProtectHome= hides /home and /root, and the
+pyenv interpreter of this .venv).  The region helper is the repository's, asking a fake
+IMDS on 169.254.169.254.  The VM has no network, so a fake DNS server on 127.0.0.1 (the
+VM's /etc/resolv.conf) says kms.eu-west-3.amazonaws.com is 127.0.0.1, and a plain HTTP
+server on port 443 stands in for KMS.  All of this lives in the VM's throw-away writable
+layer.
 
 The tests run in order, on one service: start (with a SIGHUP while the shell still looks
 up the region), the sandbox, a request, the journal, metrics, the services: file, reload,
-drain-on-stop, and a port below 1024 with and without the documented drop-in.
+drain-on-stop, and a port below 1024 with and without the documented drop-in.  Then a
+stand-in of upstream's nitro-enclaves-vsock-proxy.service holds vsock port 8000: the RPM's
+scriptlets leave it alone without the operator's opt-in, and with it
+init/vsock-proxy-replace-upstream makes its name restart ours, until "off" restores it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.metadata
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -64,17 +70,13 @@ SLOW_BODY = bytes(range(256)) * 4096  # 1 MiB, sent only once the test says so
 #: Generous: the VM's CPU is emulated, and the proxy's interpreter takes seconds to start.
 SYSTEMCTL_TIMEOUT = 180
 
-PROXY_STANDIN = '''#!/usr/bin/python3 -IS
-"""vsock-proxy from the checkout {repo}, with its .venv's packages, run by the system's Python."""
-import site
+OPT_VENV = Path("/opt/vsockproxy")
+# What pip writes as a venv's console script.
+CONSOLE_SCRIPT = f"""#!{OPT_VENV}/bin/python3
 import sys
-
-sys.path.insert(0, {repo!r})
-site.addsitedir({site_packages!r})
 from vsockproxy.__main__ import main
-
 sys.exit(main())
-'''
+"""
 
 
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -237,11 +239,61 @@ def write_defaults(*settings: str) -> None:
     Path("/etc/default/vsock-proxy").write_text(shipped + "".join(f"{line}\n" for line in settings))
 
 
-def install(path: str, content: str, mode: int) -> None:
+def install(path: str | Path, content: str, mode: int) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(content)
     target.chmod(mode)
+
+
+def runtime_distributions() -> list[importlib.metadata.Distribution]:
+    """The installed distributions that vsockproxy runs on: requirements.txt's, and theirs, transitively."""
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    names = [line for line in lines if line.strip() and not line.startswith("#")]
+    found: dict[str, importlib.metadata.Distribution] = {}
+    while names:
+        name = re.match(r"[A-Za-z0-9._-]+", names.pop()).group(0)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a dependency for another platform (gevent's cffi on Windows)
+        if dist.metadata["Name"].lower() not in found:
+            found[dist.metadata["Name"].lower()] = dist
+            names += [r for r in dist.requires or [] if "extra ==" not in r.partition(";")[2]]
+    return list(found.values())
+
+
+def install_under_opt() -> None:
+    """/opt/vsockproxy as ``python3 -m venv /opt/vsockproxy; /opt/vsockproxy/bin/pip install .`` makes it, and
+    /usr/local/bin/vsock-proxy a link to its command, as an operator installs it (README, Install).
+
+    The VM has no network: the runtime dependencies are copied from this .venv (their files as each
+    distribution's RECORD lists them; byte code too, whose source times copy2 keeps), and the package
+    from this checkout.  Their wheels must suit /usr/bin/python3: the same minor version as this Python.
+    """
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    system_python = os.path.realpath("/usr/bin/python3")
+    if not system_python.endswith(f"python{version}"):
+        pytest.fail(f"the venv under /opt runs /usr/bin/python3 ({system_python}) with this .venv's "
+                    f"Python {version} packages: they must be the same minor version")
+    umask = os.umask(0o022)  # readable by the unit's transient user
+    try:
+        run("/usr/bin/python3", "-m", "venv", "--without-pip", str(OPT_VENV))
+        site_packages = OPT_VENV / "lib" / f"python{version}" / "site-packages"
+        for dist in runtime_distributions():
+            root = Path(dist.locate_file(""))
+            files = [str(file) for file in dist.files or []  # not the headers and scripts beside
+                     if ".." not in file.parts and (root / file).is_file()]
+            # One cp for them all: a file at a time from Python takes seconds under TCG.
+            subprocess.run(["xargs", "-0", "cp", "--parents", "--preserve=mode,timestamps", "-t", str(site_packages)],
+                           input="\0".join(files).encode(), cwd=root, check=True, timeout=120)
+        shutil.copytree(REPO / "vsockproxy", site_packages / "vsockproxy")
+        install(OPT_VENV / "bin" / "vsock-proxy", CONSOLE_SCRIPT, 0o755)
+        Path("/usr/local/bin").mkdir(parents=True, exist_ok=True)
+        Path("/usr/local/bin/vsock-proxy").unlink(missing_ok=True)
+        Path("/usr/local/bin/vsock-proxy").symlink_to(OPT_VENV / "bin" / "vsock-proxy")
+    finally:
+        os.umask(umask)
 
 
 @pytest.fixture(scope="module")
@@ -250,14 +302,7 @@ def world(request):
 
     When a test failed, the unit's journal goes to stderr at the end (run with -s to see it).
     """
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    system_python = os.path.realpath("/usr/bin/python3")
-    if not system_python.endswith(f"python{version}"):
-        pytest.fail(f"the stand-in vsock-proxy runs /usr/bin/python3 ({system_python}) with this .venv's "
-                    f"Python {version} packages: they must be the same minor version")
-    site_packages = Path(sys.prefix, "lib", f"python{version}", "site-packages")
-    install("/usr/local/bin/vsock-proxy",
-            PROXY_STANDIN.format(repo=str(REPO), site_packages=str(site_packages)), 0o755)
+    install_under_opt()
     install("/usr/local/libexec/vsock-proxy-region", (REPO / "init" / "vsock-proxy-region").read_text(), 0o755)
     install("/etc/systemd/system/" + UNIT, (REPO / "init" / UNIT).read_text(), 0o644)
     install("/etc/nitro_enclaves/vsock-proxy.yaml", (REPO / "conf" / "vsock-proxy.yaml").read_text(), 0o644)
@@ -417,3 +462,216 @@ def test_a_privileged_port_needs_the_documented_drop_in(world):
     systemctl("daemon-reload")
     systemctl("start", UNIT)
     assert body_of(http_over_vsock(999, "/low")) == b"a answered /low"
+
+
+# --------------------------------------------------------------------------- upstream's unit name
+
+UPSTREAM = "nitro-enclaves-vsock-proxy.service"
+UPSTREAM_FILE = Path("/usr/lib/systemd/system") / UPSTREAM
+UPSTREAM_STANDIN = Path("/usr/local/libexec/upstream-vsock-proxy-stand-in")
+REPLACE_SCRIPT = Path("/usr/local/libexec/vsock-proxy-replace-upstream")
+REPLACE_MARKER = Path("/etc/nitro_enclaves/vsockproxy-replace-upstream")
+REPLACE_STATE = Path("/var/lib/vsockproxy/replace-upstream")
+# aws-nitro-enclaves-cli 1.5.0's vsock_proxy/service/nitro-enclaves-vsock-proxy.service, but for
+# ExecStart: its curl and jq ask the IMDS for the region and exec /usr/bin/vsock-proxy.
+UPSTREAM_UNIT = f"""[Unit]
+Description=Nitro Enclaves vsock Proxy
+After=network-online.target
+DefaultDependencies=no
+
+[Service]
+Type=simple
+StandardOutput=journal
+StandardError=journal
+SyslogIdentifier=vsock-proxy
+# Use RUST_LOG=trace for more verbose logging
+ExecStart={UPSTREAM_STANDIN}
+Restart=always
+TimeoutSec=0
+
+[Install]
+WantedBy=multi-user.target
+"""
+UPSTREAM_PROGRAM = '''#!/usr/bin/python3 -I
+"""Stands in for upstream's vsock-proxy: holds vsock port 8000 and answers every request with its pid."""
+import os
+import socket
+
+listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+listener.bind((socket.VMADDR_CID_ANY, 8000))
+listener.listen(16)
+print("upstream stand-in listening on vsock port 8000", flush=True)
+while True:
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(10)
+        conn.recv(4096)
+        conn.sendall(b"upstream stand-in pid %d" % os.getpid())
+'''
+
+
+def rpm_scriptlet(name: str) -> str:
+    """The spec's %name scriptlet with its macros expanded, for the README's /usr/local install (rpm is
+    not needed: the scriptlets use plain %{macro}s of the spec's %globals and scripts/package's defines)."""
+    spec = (REPO / "scripts" / "package_lib" / "vsockproxy.spec").read_text()
+    macros = dict(re.findall(r"^%global (\w+) (.*)$", spec, re.M), vsockproxy_libexec=str(REPLACE_SCRIPT.parent))
+    body = re.search(rf"^%{name}\n(.*?)^%", spec, re.M | re.S).group(1)
+    text = re.sub(r"%\{(\w+)\}", lambda match: macros[match.group(1)], body)
+    assert "%" not in text, text
+    return text
+
+
+def run_scriptlet(name: str, arg: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the RPM's %name scriptlet as rpm does (sh, $1 = arg), with env added to a bare environment."""
+    base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    result = subprocess.run(["sh", "-c", rpm_scriptlet(name), name, arg], env={**base, **env},
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT * 4)
+    assert result.returncode == 0, f"%{name} {arg}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+    return result
+
+
+def replace_upstream(action: str) -> str:
+    return run(str(REPLACE_SCRIPT), action, timeout=SYSTEMCTL_TIMEOUT * 4).stdout
+
+
+def properties(unit: str, *names: str) -> dict[str, str]:
+    output = run("systemctl", "show", unit, *(f"--property={name}" for name in names)).stdout
+    return dict(line.split("=", 1) for line in output.splitlines())
+
+
+def unit_files_state() -> dict:
+    """All that the tooling may change about both units: upstream's file, the links to or named after either
+    unit under /etc/systemd/system, what each name loads, and whether each unit is enabled."""
+    links = {}
+    for path in Path("/etc/systemd/system").rglob("*"):
+        if path.is_symlink():
+            target = os.readlink(path)
+            if any(name in path.name or name in target for name in (UNIT, UPSTREAM)):
+                links[str(path)] = target
+    return {
+        "upstream file sha256": hashlib.sha256(UPSTREAM_FILE.read_bytes()).hexdigest(),
+        "links": links,
+        "upstream": properties(UPSTREAM, "Id", "FragmentPath", "UnitFileState"),
+        "ours": properties(UNIT, "Id", "UnitFileState"),
+    }
+
+
+def who_serves_8000() -> str | None:
+    """The answer on vsock port 8000 (upstream's stand-in, or our proxy's target), None while nothing listens."""
+    try:
+        with vsock_connect(8000) as client:
+            client.sendall(b"GET /who HTTP/1.0\r\nHost: target\r\n\r\n")
+            reply = recv_all(client)
+    except OSError:
+        return None
+    return reply.partition(b"\r\n\r\n")[2].decode() if reply.startswith(b"HTTP/") else reply.decode()
+
+
+def wait_serving(expected: str) -> str:
+    """Until vsock port 8000 answers with text that starts with expected (a Type=simple start returns early)."""
+    def answer() -> str | None:
+        text = who_serves_8000()
+        return text if text is not None and text.startswith(expected) else None
+    return wait_until(answer, SYSTEMCTL_TIMEOUT, f"vsock port 8000 answering {expected!r}")
+
+
+def running(program: Path) -> bool:
+    """Whether a process runs program (as its script: its path is in the command line)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(program).encode() in cmdline.read_bytes():
+                return True
+        except OSError:
+            pass  # the process ended meanwhile
+    return False
+
+
+def count_records(pattern: str) -> int:
+    return sum(1 for r in journal() if isinstance(r.get("MESSAGE"), str) and re.search(pattern, r["MESSAGE"]))
+
+
+@pytest.fixture(scope="module")
+def upstream(world):
+    """Upstream's unit (its real text, a stand-in program) installed, enabled and serving vsock port 8000; ours
+    installed but stopped, serving the services: file (port 8000 to target "a") whenever it runs."""
+    systemctl("stop", UNIT)
+    write_defaults(*TEST_SETTINGS, "LOCAL_PORT=")
+    write_services_file([(8000, world["a"].port)])
+    install(UPSTREAM_STANDIN, UPSTREAM_PROGRAM, 0o755)
+    install(UPSTREAM_FILE, UPSTREAM_UNIT, 0o644)
+    install(REPLACE_SCRIPT, (REPO / "init" / "vsock-proxy-replace-upstream").read_text(), 0o755)
+    systemctl("daemon-reload")
+    systemctl("enable", "--now", UPSTREAM)
+    wait_serving("upstream stand-in pid ")
+    try:
+        yield unit_files_state()
+    finally:
+        REPLACE_MARKER.unlink(missing_ok=True)
+        subprocess.run(["systemctl", "stop", UNIT, UPSTREAM], timeout=SYSTEMCTL_TIMEOUT, check=False)
+
+
+def test_without_the_opt_in_the_rpm_scriptlets_leave_upstreams_unit_alone(upstream):
+    assert not REPLACE_MARKER.exists()
+    first = wait_serving("upstream stand-in pid ")
+    run_scriptlet("post", "1")  # an install
+    run_scriptlet("post", "2", VSOCKPROXY_REPLACE_UPSTREAM="0")  # an upgrade, "0" is no opt-in
+    assert unit_files_state() == upstream
+    assert properties(UPSTREAM, "ActiveState")["ActiveState"] == "active"
+    assert who_serves_8000() == first
+    systemctl("restart", "nitro-enclaves-vsock-proxy")  # what the ACM agent runs: upstream's, as before
+    assert wait_serving("upstream stand-in pid ") != first
+    assert properties(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    run_scriptlet("preun", "0")  # a removal
+    run_scriptlet("postun", "0")
+    assert unit_files_state() == upstream
+    assert not REPLACE_STATE.exists()
+
+
+def test_with_the_opt_in_restarting_upstreams_name_restarts_our_proxy(upstream):
+    REPLACE_MARKER.touch()
+    listening = r"^listening on vsock port 8000, forwarding "
+    started = count_records(listening)
+    post = run_scriptlet("post", "1")
+    assert (f"vsock-proxy-replace-upstream: on: {UPSTREAM} leads to {UNIT} (upstream's unit was enabled and "
+            "active)\n") in post.stdout
+    assert who_serves_8000() == "a answered /who"
+    state = unit_files_state()
+    assert state["upstream"] == {"Id": UNIT, "FragmentPath": "/etc/systemd/system/vsock-proxy.service",
+                                 "UnitFileState": "enabled"}  # the name loads our unit
+    assert state["links"][f"/etc/systemd/system/{UPSTREAM}"] == "/etc/systemd/system/vsock-proxy.service"
+    assert f"/etc/systemd/system/multi-user.target.wants/{UPSTREAM}" not in state["links"]  # upstream disabled
+    assert state["links"][f"/etc/systemd/system/multi-user.target.wants/{UNIT}"] == \
+        "/etc/systemd/system/vsock-proxy.service"
+    assert state["upstream file sha256"] == upstream["upstream file sha256"]
+
+    before = properties(UNIT, "MainPID")["MainPID"]
+    systemctl("restart", "nitro-enclaves-vsock-proxy")  # what the ACM agent runs
+    after = properties(UNIT, "MainPID", "ActiveState", "NRestarts")
+    assert after["MainPID"] != before and (after["ActiveState"], after["NRestarts"]) == ("active", "0"), after
+    assert who_serves_8000() == "a answered /who"
+    assert count_records(listening) == started + 2  # the start by %post, and the restart by upstream's name
+    assert not running(UPSTREAM_STANDIN)
+
+    again = replace_upstream("on")  # idempotent: an RPM upgrade runs it again
+    assert again == f"vsock-proxy-replace-upstream: already on: {UPSTREAM} leads to {UNIT}\n"
+    assert unit_files_state() == state
+    assert properties(UNIT, "MainPID")["MainPID"] == after["MainPID"]
+
+
+def test_off_restores_upstreams_unit_exactly_and_so_does_removing_the_rpm(upstream):
+    output = replace_upstream("off")  # the README's roll back
+    assert output == f"vsock-proxy-replace-upstream: off: {UPSTREAM} is upstream's unit again (enabled and active)\n"
+    assert unit_files_state() == upstream
+    assert properties(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    wait_serving("upstream stand-in pid ")
+    assert not REPLACE_STATE.exists() and not REPLACE_STATE.parent.exists()
+    assert replace_upstream("off") == "vsock-proxy-replace-upstream: already off\n"
+    assert unit_files_state() == upstream
+
+    run_scriptlet("post", "1")  # the marker is still there: on again
+    assert who_serves_8000() == "a answered /who"
+    run_scriptlet("preun", "0")  # removing the RPM undoes it
+    run_scriptlet("postun", "0")
+    assert unit_files_state() == upstream
+    assert properties(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    wait_serving("upstream stand-in pid ")

@@ -113,6 +113,29 @@ def test_marker_cwd_environment_and_stdin_in_the_guest() -> None:
         "1", str(REPO / "scripts"), repr(env["VSOCK_VM_TEST_VALUE"]), "['a b', \"'c'\", '']", "''"]
 
 
+def test_a_cwd_under_tmp_with_a_space_keeps_its_path_and_files_in_the_guest(tmp_path: Path) -> None:
+    """The guest's /tmp is fresh, but a checkout under the host's /tmp stays reachable at its path."""
+    checkout = tmp_path / "my checkout"
+    (checkout / "sub dir").mkdir(parents=True)
+    (checkout / "sub dir" / "file").write_text("from the host\n")
+    script = ("import os; print(os.getcwd()); print(open('sub dir/file').read(), end=''); "
+              "open('written in the guest', 'w').write('x'); print(sorted(os.listdir('.'))); "
+              "print(os.listdir('/tmp'))")
+    result = vsock_vm("python3", "-c", script, cwd=checkout)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        str(checkout), "from the host", "['sub dir', 'written in the guest']",
+        str([checkout.relative_to("/tmp").parts[0]])]  # nothing else of the host's /tmp
+    assert sorted(p.name for p in checkout.iterdir()) == ["sub dir"]  # the guest's write vanished
+
+
+def test_tmp_itself_as_the_cwd_is_refused_without_booting() -> None:
+    result = vsock_vm("true", cwd=Path("/tmp"))
+    assert result.returncode == EXIT_VM_FAILED
+    assert result.stderr == ("vsock-vm: the current directory is /tmp, which the VM replaces with a fresh "
+                             "mount: run from a directory under it, or another one\n")
+
+
 def test_vsock_loopback_echo_inside_the_guest() -> None:
     result = vsock_vm("python3", "-c", VSOCK_ECHO)
     assert (result.returncode, result.stdout) == (0, "PING OVER VSOCK\n"), result.stderr
