@@ -153,7 +153,9 @@ def test_attempt(attempt, text, host, records, expected):
         assert tried == [], f"refused, yet it tried {tried}"
     else:
         assert refusal is None, str(refusal)
-        assert tried == expected
+        # As addresses: Python 3.13 writes an IPv4-mapped address as ::ffff:127.0.0.1, older ones as ::ffff:7f00:1.
+        assert [ipaddress.ip_address(address) for address in tried] == \
+            [ipaddress.ip_address(address) for address in expected], tried
 
 
 def test_an_answer_that_changes_between_two_connections_is_checked_each_time(attempt):
