@@ -274,12 +274,8 @@ def in_process(monkeypatch, caplog, request):
         signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
-def test_a_reload_waiting_on_dns_when_sigterm_arrives_commits_nothing(in_process, tmp_path):
-    """A reload that yields in a DNS look-up and resumes during the drain must not open its listeners.
-
-    Fails on the original code: the reload commits after the drain took its list of servers,
-    "reload: listening on vsock port 5006" is logged, and that listener outlives serve().
-    """
+def reload_held_on_dns(in_process, tmp_path):
+    """A running in-process proxy whose SIGHUP reload now waits on the DNS look-up of a new service's name."""
     target_port = unused_tcp_port()
     config = tmp_path / "allowlist.yaml"
     config.write_text(services_yaml(target_port, {5005: "127.0.0.1"}))
@@ -289,6 +285,16 @@ def test_a_reload_waiting_on_dns_when_sigterm_arrives_commits_nothing(in_process
     config.write_text(services_yaml(target_port, {5005: "127.0.0.1", 5006: "slow.example"}))
     os.kill(os.getpid(), signal.SIGHUP)
     wait_until(lambda: dns.waited, 10, "the reload's look-up of slow.example")
+    return run, dns
+
+
+def test_a_reload_waiting_on_dns_when_sigterm_arrives_commits_nothing(in_process, tmp_path):
+    """A reload that yields in a DNS look-up and resumes during the drain must not open its listeners.
+
+    Fails on the original code: the reload commits after the drain took its list of servers,
+    "reload: listening on vsock port 5006" is logged, and that listener outlives serve().
+    """
+    run, dns = reload_held_on_dns(in_process, tmp_path)
     os.kill(os.getpid(), signal.SIGTERM)
     run.wait_logged("stopping")
     dns.release.set()
@@ -346,15 +352,7 @@ def test_sighups_while_a_reload_waits_fold_into_one_more_reload(in_process, tmp_
     The first reload waits on DNS while 30 more SIGHUPs come.  Fails on the original code:
     each SIGHUP queues a reload of its own, and 31 are applied one after another.
     """
-    target_port = unused_tcp_port()
-    config = tmp_path / "allowlist.yaml"
-    config.write_text(services_yaml(target_port, {5005: "127.0.0.1"}))
-    dns = HeldDNS({"slow.example": ["127.0.0.1"]}, held="slow.example")
-    run = in_process(config, dns)
-    run.wait_logged("listening on vsock port 5005")
-    config.write_text(services_yaml(target_port, {5005: "127.0.0.1", 5006: "slow.example"}))
-    os.kill(os.getpid(), signal.SIGHUP)
-    wait_until(lambda: dns.waited, 10, "the reload's look-up of slow.example")
+    run, dns = reload_held_on_dns(in_process, tmp_path)
     for _ in range(30):
         os.kill(os.getpid(), signal.SIGHUP)
         gevent.sleep(0.01)  # each one handled before the next: the kernel folds only signals not yet handled
